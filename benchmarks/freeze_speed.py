@@ -1,0 +1,119 @@
+"""Side by side in ONE run: step time and gradient-communication bytes with no head frozen vs a fraction frozen.
+
+    deepspeed --num_gpus 2 benchmarks/freeze_speed.py --deepspeed_config configs/bert_mat_zero2.json \
+        --frozen_fraction 0.5 --rounds 6 --steps_per_round 10
+
+Blocks of ``steps_per_round`` steps alternate between "full" and "frozen" (the same half of the heads in every layer)
+so that drift in machine load hits both arms alike; the first block of each arm is a warm-up and is dropped. Reported:
+median step seconds per arm and their ratio, gradient bytes per step per arm (DeepSpeed's comms logger) and the drop
+compared with the frozen parameters' bytes, and the analytic FLOPs ratio. Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from mat_ds.config import DataConfig, ModelConfig, add_cli_arguments, load_deepspeed_config  # noqa: E402
+from mat_ds.data import global_positions, make_batch, prepare_data  # noqa: E402
+from mat_ds.engine import build_engine, init_distributed  # noqa: E402
+from mat_ds.flops import FlopsModel  # noqa: E402
+from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
+from mat_ds.model import Transformer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed_config", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--frozen_fraction", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (each: one full block, one frozen block).")
+    parser.add_argument("--steps_per_round", type=int, default=10)
+    add_cli_arguments(parser)
+    args = parser.parse_args()
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_cfg = ModelConfig(**{k: getattr(args, k) for k in ModelConfig.__dataclass_fields__})
+    data_cfg = DataConfig(**{k: getattr(args, k) for k in DataConfig.__dataclass_fields__})
+    data = prepare_data(data_cfg, is_main=rank == 0, barrier=dist.barrier)
+    torch.manual_seed(args.seed)
+    model = Transformer(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len)
+    ds_config = load_deepspeed_config(args.deepspeed_config)
+    ds_config.pop("mat", None)  # this benchmark sets the frozen set itself
+    steps_total = 2 * args.rounds * args.steps_per_round
+    engine = build_engine(model, ds_config, steps_total, comm_stats=True)
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    freezer = FreezeController(engine, model.head_modules())
+
+    H = model_cfg.n_head
+    n_frozen_per_layer = round(args.frozen_fraction * H)
+    frozen_mask = torch.tensor([h < n_frozen_per_layer for _ in range(model_cfg.n_layer) for h in range(H)])
+    none = torch.zeros_like(frozen_mask)
+
+    times: dict[str, list[float]] = {"full": [], "frozen": []}
+    comm: dict[str, list[int]] = {"full": [], "frozen": []}  # gradient reductions only
+    comm_all: dict[str, list[int]] = {"full": [], "frozen": []}  # every deepspeed.comm op (incl. ZeRO all-gathers)
+    step = 0
+    for rnd in range(args.rounds):
+        for arm, mask in (("full", none), ("frozen", frozen_mask)):
+            freezer.apply(mask)
+            for i in range(args.steps_per_round):
+                before = comm_bytes_snapshot()
+                dist.barrier()
+                t0 = time.perf_counter()
+                for micro_step in range(accum):
+                    pos = global_positions(step, micro_step, rank, world, micro, accum)
+                    batch = make_batch(data.train, pos, objective="mlm" if model_cfg.arch == "bert" else "clm",
+                                       tokenizer=data.tokenizer, mlm_probability=data_cfg.mlm_probability,
+                                       seed=args.seed)
+                    loss = engine(batch["input_ids"], batch["labels"])
+                    engine.backward(loss)
+                    engine.step()
+                dist.barrier()
+                elapsed = time.perf_counter() - t0
+                after = comm_bytes_snapshot()
+                step += 1
+                if rnd > 0:  # round 0 warms both arms up
+                    times[arm].append(elapsed)
+                    comm[arm].append(sum(after[op] - before.get(op, 0) for op in after if op in GRADIENT_OPS))
+                    comm_all[arm].append(sum(after.values()) - sum(before.values()))
+
+    if rank == 0:
+        flops = FlopsModel.for_run(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len,
+                                   data_cfg.mlm_probability)
+        t_full, t_frozen = statistics.median(times["full"]), statistics.median(times["frozen"])
+        c_full, c_frozen = statistics.median(comm["full"]), statistics.median(comm["frozen"])
+        frozen_bytes = freezer_numel(model, frozen_mask) * 4
+        result = {
+            "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+            "model": f"{model_cfg.n_layer}L d{model_cfg.d_model} {H}h vocab{data.tokenizer.vocab_size} T{data_cfg.seq_len}",
+            "frozen_heads": int(frozen_mask.sum()), "heads": frozen_mask.numel(),
+            "step_s_full": round(t_full, 5), "step_s_frozen": round(t_frozen, 5),
+            "step_time_ratio": round(t_frozen / t_full, 4),
+            "grad_comm_bytes_full": c_full, "grad_comm_bytes_frozen": c_frozen,
+            "grad_comm_ratio": round(c_frozen / c_full, 4) if c_full else None,
+            "grad_comm_drop_bytes": c_full - c_frozen, "frozen_param_bytes": frozen_bytes,
+            "all_comm_bytes_full": statistics.median(comm_all["full"]),
+            "all_comm_bytes_frozen": statistics.median(comm_all["frozen"]),
+            "param_bytes_total": sum(p.numel() for p in model.parameters()) * 4,
+            "flops_ratio_analytic": round(flops.train_per_token(int(frozen_mask.sum())) / flops.train_per_token(0), 4),
+            "samples_per_arm": len(times["full"]),
+        }
+        print("FREEZE_SPEED " + json.dumps(result), flush=True)
+
+
+def freezer_numel(model: Transformer, mask: torch.Tensor) -> int:
+    return sum(p.numel() for m, params in zip(mask.tolist(), model.head_modules()) if m for p in params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Analytic FLOPs of a training step, including what frozen heads save.
+
+Counting convention (Megatron/PaLM style, matmuls only; LayerNorm, softmax, GELU and the optimizer are ignored):
+
+* a weight matmul with fan-in a and fan-out b costs, per token, 2ab forward, 2ab for the input gradient (dX) and 2ab for
+  the weight gradient (dW). dW is skipped for frozen parameters — that is the saving MAT buys;
+* attention scores QKᵀ and the weighted sum AV cost 4·T·d forward per token and twice that backward (no weights, so no
+  saving from freezing). Causal masking is not discounted (the kernels here compute the full T×T product);
+* the tied LM head is a d×V matmul at predicted positions only (``predicted_fraction``: the MLM probability for
+  BERT, whose logits are computed at masked positions only, 1 for GPT); the embedding lookup is free.
+
+Frozen heads still pay forward and dX: a head's input gradient is needed by the layers below it. A skipped layer
+(RaPTr) costs nothing: no forward, no backward.
+
+The mNTK probe is charged too (honest accounting of MAT's overhead): forward + dX over the probe batch, the per-sample
+gradient GEMMs (2·T·P per sample and head-wise layer) and the n×n Grams (2·n²·P per layer), P = that layer's weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    cfg: ModelConfig
+    vocab_size: int
+    seq_len: int
+    predicted_fraction: float = 1.0  # share of positions that go through the LM head
+
+    @classmethod
+    def for_run(cls, cfg: ModelConfig, vocab_size: int, seq_len: int, mlm_probability: float) -> "FlopsModel":
+        return cls(cfg, vocab_size, seq_len, mlm_probability if cfg.arch == "bert" else 1.0)
+
+    # -- per-token pieces -------------------------------------------------------------------------------------------
+    @property
+    def head_weights(self) -> int:
+        """Parameters of one attention head: 3·d_head·d (QKV rows) + d·d_head (output columns)."""
+        return 4 * self.cfg.d_head * self.cfg.d_model
+
+    @property
+    def matmul_weights(self) -> int:
+        """Weights that enter a matmul per token (all layers + the LM head weighted by the predicted share)."""
+        c = self.cfg
+        per_layer = 4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff
+        return c.n_layer * per_layer + round(c.d_model * self.vocab_size * self.predicted_fraction)
+
+    @property
+    def attention_core(self) -> int:
+        """Forward FLOPs per token of QKᵀ and AV over all layers."""
+        return self.cfg.n_layer * 4 * self.seq_len * self.cfg.d_model
+
+    def forward_per_token(self) -> int:
+        return 2 * self.matmul_weights + self.attention_core
+
+    @property
+    def layer_weights(self) -> int:
+        c = self.cfg
+        return 4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff
+
+    def train_per_token(self, n_frozen_heads: int = 0, n_skipped_layers: int = 0) -> int:
+        """Forward + backward per token; ``n_frozen_heads`` heads (in layers that run) skip their weight gradient,
+        ``n_skipped_layers`` layers are not run at all."""
+        weights = self.matmul_weights - n_skipped_layers * self.layer_weights
+        core = self.attention_core * (self.cfg.n_layer - n_skipped_layers) // self.cfg.n_layer
+        fwd = 2 * weights + core
+        bwd_dx = 2 * weights + 2 * core
+        bwd_dw = 2 * (weights - n_frozen_heads * self.head_weights)
+        return fwd + bwd_dx + bwd_dw
+
+    # -- per step ---------------------------------------------------------------------------------------------------
+    def train_step(self, tokens: int, n_frozen_heads: int = 0, n_skipped_layers: int = 0) -> int:
+        """FLOPs of one optimizer step over ``tokens`` tokens (all ranks, all micro-batches)."""
+        return tokens * self.train_per_token(n_frozen_heads, n_skipped_layers)
+
+    def probe_parts(self, n_samples: int) -> tuple[int, int]:
+        """(forward + dX over the probe batch, per-sample gradient GEMMs + n×n Grams) of one mNTK refresh."""
+        c, T = self.cfg, self.seq_len
+        tokens = n_samples * T
+        fwd_dx = tokens * (self.forward_per_token() + 2 * self.matmul_weights + 2 * self.attention_core)
+        attn_weights = c.n_layer * 4 * c.d_model * c.d_model  # the head-wise layers' weights
+        gram_work = 2 * tokens * attn_weights + 2 * n_samples * n_samples * attn_weights
+        return fwd_dx, gram_work
+
+    def probe_total(self, n_samples: int, world_size: int) -> int:
+        """FLOPs of one refresh over all ranks: every rank runs the probe forward/dX, the Gram work is split by layer."""
+        fwd_dx, gram_work = self.probe_parts(n_samples)
+        return world_size * fwd_dx + gram_work

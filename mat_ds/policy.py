@@ -1,0 +1,187 @@
+"""Which heads train: the MAT policy and its baselines.
+
+A policy sees the per-head λmax (flattened to [M] in ``layer * n_head + head`` order) at every refresh step and returns
+the frozen mask for the steps until the next refresh. Policies run on rank 0 only; the trainer broadcasts the mask, so
+every rank applies the same decision (a mismatch would abort/hang the gradient collectives).
+
+MAT (Sec. 4 of the paper), with the choices the paper leaves open made explicit:
+
+* modular policy: λ_α = λ_min + (λ_max − λ_min)·α over ALL heads of the model; a head trains only if λmax > λ_α.
+  (If every head has the same λmax the threshold is meaningless and nobody is frozen by it.)
+* temporal policy: Δ_t = |λmax_t − λmax_{t−1}| between consecutive refreshes; Δ_1 is a head's FIRST measured change
+  (from step 0 to the first refresh), the paper's reference. A head with Δ_t/Δ_1 < β has converged and is frozen.
+* warm-up: before ``warmup_steps`` nothing is frozen; λmax is still measured so Δ_1 exists when freezing starts.
+* re-activation: with ``reactivate`` (default) the frozen set is recomputed at each refresh (frozen heads' λmax keeps
+  moving as the rest of the network trains, so they can come back); otherwise a frozen head stays frozen.
+
+Baselines on the same code path: ``full``; ``rand`` (the paper's MAT-Rand: random heads at a given active fraction);
+``multirate`` (Vlaar & Leimkuhler 2022, reduced to what freezing expresses: a fixed random half of the heads is "slow"
+and trains only every k-th step); ``raptr`` (Panigrahi et al. 2024, progressive subnetworks: each step trains a random
+path of layers, first and last always included, whose length grows in stages; skipped layers are the identity and
+cost nothing). Only ``raptr`` skips layers (``skipped_layers``); the others freeze heads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import MATConfig
+
+_EPS = 1e-12
+
+
+class Policy:
+    """Base: holds the current frozen mask and the λmax history (what a checkpoint must carry)."""
+
+    name = "full"
+
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
+        self.cfg, self.n_modules, self.n_layers = cfg, n_modules, n_layers
+        self.frozen = torch.zeros(n_modules, dtype=torch.bool)
+        self.history: list[tuple[int, list[float]]] = []  # (step, λmax per module) at every refresh
+
+    def is_refresh_step(self, step: int) -> bool:
+        return self.cfg.freezes and step % self.cfg.refresh_interval == 0
+
+    def skipped_layers(self, step: int) -> torch.Tensor:
+        """Layers left out of this step's forward and backward (BoolTensor [n_layers]); none by default."""
+        return torch.zeros(self.n_layers, dtype=torch.bool)
+
+    def update(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        """Record λmax (if measured) and return the new frozen mask (BoolTensor [M])."""
+        if lam is not None:
+            self.history.append((step, [float(v) for v in lam.flatten()]))
+        self.frozen = self._decide(step, None if lam is None else lam.flatten().double())
+        return self.frozen
+
+    def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(self.n_modules, dtype=torch.bool)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "frozen": self.frozen.tolist(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint was written by policy {state.get('name')!r}, this run uses {self.name!r}")
+        self.frozen = torch.tensor(state["frozen"], dtype=torch.bool)
+        if self.frozen.numel() != self.n_modules:
+            raise ValueError(f"checkpoint has {self.frozen.numel()} modules, the model has {self.n_modules}")
+        self.history = [(int(s), list(v)) for s, v in state["history"]]
+
+
+class MATPolicy(Policy):
+    name = "mat"
+
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
+        super().__init__(cfg, n_modules, n_layers)
+        self.prev: Optional[torch.Tensor] = None  # λmax at the previous refresh
+        self.delta1: Optional[torch.Tensor] = None  # first measured |Δλmax| per module (the temporal reference)
+        self.ratio: Optional[torch.Tensor] = None  # Δ_t / Δ_1 at the last refresh (logged)
+
+    def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        if lam is None:
+            raise ValueError("the MAT policy needs λmax at every refresh")
+        if self.prev is not None:
+            delta = (lam - self.prev).abs()
+            if self.delta1 is None:
+                self.delta1 = delta.clone()
+            self.ratio = delta / self.delta1.clamp_min(_EPS)
+        self.prev = lam.clone()
+        if step < self.cfg.warmup_steps:
+            return torch.zeros(self.n_modules, dtype=torch.bool)
+        frozen = self.modular_frozen(lam, self.cfg.alpha)
+        if self.ratio is not None:
+            frozen |= self.ratio < self.cfg.beta
+        if not self.cfg.reactivate:
+            frozen |= self.frozen
+        return frozen
+
+    @staticmethod
+    def modular_frozen(lam: torch.Tensor, alpha: float) -> torch.Tensor:
+        lo, hi = lam.min(), lam.max()
+        if hi - lo <= _EPS * max(abs(float(hi)), 1.0):
+            return torch.zeros_like(lam, dtype=torch.bool)
+        return lam <= lo + (hi - lo) * alpha
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out.update(prev=None if self.prev is None else self.prev.tolist(),
+                   delta1=None if self.delta1 is None else self.delta1.tolist(),
+                   ratio=None if self.ratio is None else self.ratio.tolist())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for key in ("prev", "delta1", "ratio"):
+            val = state.get(key)
+            setattr(self, key, None if val is None else torch.tensor(val, dtype=torch.float64))
+
+
+class RandPolicy(Policy):
+    """MAT-Rand: after warm-up, a uniformly random ``rand_active_fraction`` of heads trains, redrawn every refresh."""
+
+    name = "rand"
+
+    def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        frozen = torch.zeros(self.n_modules, dtype=torch.bool)
+        if step < self.cfg.warmup_steps:
+            return frozen
+        n_active = max(1, round(self.cfg.rand_active_fraction * self.n_modules))
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        frozen[torch.randperm(self.n_modules, generator=gen)[n_active:]] = True
+        return frozen
+
+
+class MultiratePolicy(Policy):
+    """Fast/slow heads: a seeded random ``multirate_slow_fraction`` of heads trains only on every k-th step."""
+
+    name = "multirate"
+
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
+        super().__init__(cfg, n_modules, n_layers)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n_slow = max(1, round(cfg.multirate_slow_fraction * n_modules))
+        self.slow = torch.zeros(n_modules, dtype=torch.bool)
+        self.slow[torch.randperm(n_modules, generator=gen)[:n_slow]] = True
+
+    def is_refresh_step(self, step: int) -> bool:
+        return True  # the frozen set changes with step % k
+
+    def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        if step < self.cfg.warmup_steps or step % self.cfg.multirate_k == 0:
+            return torch.zeros(self.n_modules, dtype=torch.bool)
+        return self.slow.clone()
+
+
+class RaPTrPolicy(Policy):
+    """Random path of layers per step; the path length follows ``raptr_schedule``; first and last layer fixed."""
+
+    name = "raptr"
+
+    def is_refresh_step(self, step: int) -> bool:
+        return True  # a new path every step
+
+    def path_length(self, step: int) -> int:
+        length = self.n_layers
+        for start, value in self.cfg.raptr_schedule:
+            if step >= start:
+                length = value
+        return min(max(length, min(2, self.n_layers)), self.n_layers)
+
+    def skipped_layers(self, step: int) -> torch.Tensor:
+        L, p = self.n_layers, self.path_length(step)
+        skipped = torch.zeros(L, dtype=torch.bool)
+        if p >= L:
+            return skipped
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        middle = torch.randperm(L - 2, generator=gen)[: L - p] + 1  # layers 1..L-2 that are left out
+        skipped[middle] = True
+        return skipped
+
+
+def make_policy(cfg: MATConfig, n_modules: int, n_layers: int = 1) -> Policy:
+    if not cfg.freezes:
+        return Policy(cfg, n_modules, n_layers)
+    cls = {"mat": MATPolicy, "rand": RandPolicy, "multirate": MultiratePolicy, "raptr": RaPTrPolicy}[cfg.policy]
+    return cls(cfg, n_modules, n_layers)

@@ -1,0 +1,97 @@
+"""Run a script under the real ``deepspeed`` launcher (N CPU ranks over gloo) from a test.
+
+Every multi-rank test goes through here so that the launch command is the one users type:
+``deepspeed --num_gpus N --master_port P script.py args...``.
+
+The launcher is started in its own session (process group). On a timeout the WHOLE group is killed: killing only the
+``deepspeed`` process would leave ``launch.py`` and the ranks running as orphans, and a few hung launches would then
+pile up until the machine runs out of memory (this is how CI once died with ``Killed`` after 5 hung launches).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_env(env: dict | None = None) -> dict:
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full_env.setdefault("WANDB_MODE", "offline")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    return full_env
+
+
+def deepspeed_command(script: str | Path, args: list[str], num_gpus: int = 2) -> list[str]:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(num_gpus),
+            "--master_port", str(free_port()), str(script), *args]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group (launcher, launch.py, every rank) and reap the launcher."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+PREFLIGHT_TIMEOUT = 240
+_preflight: dict[str, str] = {}  # "ok" or "failed" -> launcher output; filled by the first run_deepspeed call
+
+
+def preflight() -> None:
+    """Run tests/scripts/dist_smoke.py once per test session; raise (every time) if 2 ranks could not all-reduce."""
+    if not _preflight:
+        try:
+            res = _launch(REPO / "tests" / "scripts" / "dist_smoke.py", [], 2, PREFLIGHT_TIMEOUT, None, check=True)
+            ok = "DIST_SMOKE ok" in res.stdout
+            _preflight["ok" if ok else "failed"] = res.stdout[-6000:]
+        except AssertionError as exc:
+            _preflight["failed"] = str(exc)
+    if "failed" in _preflight:
+        raise AssertionError("multi-rank preflight (deepspeed --num_gpus 2 tests/scripts/dist_smoke.py) failed, so "
+                             "no multi-rank test can pass on this machine:\n" + _preflight["failed"])
+
+
+def run_deepspeed(script: str | Path, args: list[str], num_gpus: int = 2, timeout: int = 600,
+                  env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``num_gpus`` CPU ranks; return the finished process (stdout+stderr in .stdout)."""
+    preflight()
+    return _launch(script, args, num_gpus, timeout, env, check)
+
+
+def _launch(script, args, num_gpus, timeout, env, check) -> subprocess.CompletedProcess:
+    cmd = deepspeed_command(script, args, num_gpus)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=deepspeed_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out = proc.stdout.read() if proc.stdout else ""
+        raise AssertionError(f"deepspeed launch timed out after {timeout}s and was killed (whole process group); "
+                             f"output tail:\n{out[-6000:]}") from None
+    finally:
+        # A launcher that exited normally has already reaped its ranks; this only catches stragglers.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+    if check and result.returncode != 0:
+        raise AssertionError(f"deepspeed launch failed (rc={result.returncode}):\n{out[-6000:]}")
+    return result
