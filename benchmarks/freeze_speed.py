@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mat_ds.config import DataConfig, ModelConfig, add_cli_arguments, load_deepspeed_config  # noqa: E402
+from mat_ds.config import add_cli_arguments, from_cli, load_deepspeed_config  # noqa: E402
 from mat_ds.data import global_positions, make_batch, prepare_data  # noqa: E402
-from mat_ds.engine import build_engine, init_distributed  # noqa: E402
+from mat_ds.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
 from mat_ds.flops import FlopsModel  # noqa: E402
 from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
 from mat_ds.model import Transformer  # noqa: E402
@@ -42,12 +42,11 @@ def main() -> None:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    model_cfg = ModelConfig(**{k: getattr(args, k) for k in ModelConfig.__dataclass_fields__})
-    data_cfg = DataConfig(**{k: getattr(args, k) for k in DataConfig.__dataclass_fields__})
-    data = prepare_data(data_cfg, is_main=rank == 0, barrier=dist.barrier)
-    torch.manual_seed(args.seed)
-    model = Transformer(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len)
     ds_config = load_deepspeed_config(args.deepspeed_config)
+    model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
+    data = prepare_data(data_cfg, is_main=rank == 0, barrier=dist.barrier)
+    torch.manual_seed(run_cfg.seed)
+    model = Transformer(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len)
     ds_config.pop("mat", None)  # this benchmark sets the frozen set itself
     steps_total = 2 * args.rounds * args.steps_per_round
     engine = build_engine(model, ds_config, steps_total, comm_stats=True)
@@ -74,7 +73,7 @@ def main() -> None:
                     pos = global_positions(step, micro_step, rank, world, micro, accum)
                     batch = make_batch(data.train, pos, objective="mlm" if model_cfg.arch == "bert" else "clm",
                                        tokenizer=data.tokenizer, mlm_probability=data_cfg.mlm_probability,
-                                       seed=args.seed)
+                                       seed=run_cfg.seed)
                     loss = engine(batch["input_ids"], batch["labels"])
                     engine.backward(loss)
                     engine.step()
@@ -109,6 +108,7 @@ def main() -> None:
             "samples_per_arm": len(times["full"]),
         }
         print("FREEZE_SPEED " + json.dumps(result), flush=True)
+    shutdown_distributed()
 
 
 def freezer_numel(model: Transformer, mask: torch.Tensor) -> int:

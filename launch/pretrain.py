@@ -4,7 +4,11 @@
     deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/gpt_mat_zero2.json \
         --train_data ../shared/data/wikitext-2/valid.txt --test_data ../shared/data/wikitext-2/test.txt
 
-Every model/data/run setting is a flag (``--help``); MAT's settings live in the JSON. Bad input ends with one
+Every model/data/run setting is a flag (``--help``); MAT's settings live in the JSON, and the JSON may pin model
+settings in a ``"model"`` block (flags win), e.g. the Switch-Transformer configs:
+
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/switch_mat_ep2.json
+ Bad input ends with one
 ``error: ...`` line on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -29,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     add_cli_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        model_cfg, data_cfg, run_cfg = from_cli(args)
         ds_config = load_deepspeed_config(args.deepspeed_config)
+        model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
         MATConfig.from_dict(ds_config.get("mat"))  # validate before any process group or data work
         from mat_ds.train import Trainer
 
         Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen).train()
+        from mat_ds.engine import shutdown_distributed
+
+        shutdown_distributed()  # every rank finished the same loop; tear the process group down in order
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -52,6 +52,7 @@ def _check_unit(name: str, value: Any, lo_open: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 POLICIES = ("mat", "rand", "full", "multirate", "raptr")
 PROBE_OUTPUTS = ("loss", "logit_projection")
+MODULE_KINDS = ("heads", "experts")
 
 
 @dataclass
@@ -94,6 +95,9 @@ class MATConfig:
     raptr_schedule: Optional[list] = _help(
         "Policy 'raptr' only: [[start_step, path_length], ...], first start 0. Each step trains a random path of "
         "path_length layers (first and last layer always in it); skipped layers are the identity.", default=None)
+    modules: list = _help("Module kinds the policy selects: 'heads' (attention heads) and/or 'experts' (MoE experts; "
+                          "ignored for a dense model). Each kind gets its own threshold: λ scales differ by kind.",
+                          default_factory=lambda: ["heads", "experts"])
     seed: int = _help("Seed for the probe set and the random baselines.", default=0)
     log_heatmap_interval: int = _help("Optimizer steps between per-head λmax tables/heatmaps in W&B (0 = never).",
                                       default=100)
@@ -109,6 +113,9 @@ class MATConfig:
         _check_int("mat.seed", self.seed, 0)
         _check_int("mat.log_heatmap_interval", self.log_heatmap_interval, 0)
         _check(isinstance(self.enabled, bool), f"mat.enabled={self.enabled!r} must be true or false")
+        _check(isinstance(self.modules, list) and len(self.modules) > 0
+               and all(m in MODULE_KINDS for m in self.modules) and len(set(self.modules)) == len(self.modules),
+               f"mat.modules={self.modules!r} must be a non-empty list of distinct kinds from {list(MODULE_KINDS)}")
         _check(isinstance(self.reactivate, bool), f"mat.reactivate={self.reactivate!r} must be true or false")
         if self.policy == "rand":
             _check(self.rand_active_fraction is not None, "mat.policy='rand' needs mat.rand_active_fraction in (0, 1]")
@@ -183,20 +190,54 @@ class ModelConfig:
     d_model: int = _help("Hidden size; must be divisible by n_head.", default=128)
     d_ff: int = _help("MLP hidden size (0 = 4·d_model).", default=0)
     dropout: float = _help("Dropout on attention output, MLP output and embeddings.", default=0.1)
+    # Mixture of Experts (Switch Transformer on deepspeed.moe.layer.MoE; see mat_ds/moe.py)
+    moe_num_experts: int = _help("Experts per MoE layer (0 = dense MLPs everywhere). Top-1 (Switch) routing.",
+                                 default=0)
+    moe_layer_interval: int = _help("Every k-th block has an MoE MLP: blocks l with (l+1) % k == 0 (Switch: 2).",
+                                    default=2)
+    moe_ep_size: int = _help("Expert parallelism: ranks that split one layer's experts (divides moe_num_experts "
+                             "and the number of ranks).", default=1)
+    moe_capacity_factor: float = _help("Training capacity factor: an expert takes at most "
+                                       "factor * tokens / experts tokens per micro-batch (Switch: 1.25).", default=1.25)
+    moe_eval_capacity_factor: float = _help("Capacity factor in evaluation.", default=2.0)
+    moe_min_capacity: int = _help("Minimum expert capacity regardless of the factor.", default=4)
+    moe_aux_loss_coef: float = _help("Weight of the load-balancing loss l_aux (Switch: 0.01).", default=0.01)
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)
-        for name in ("n_layer", "n_head", "d_model"):
+        for name in ("n_layer", "n_head", "d_model", "moe_layer_interval", "moe_ep_size"):
             _check_int(name, getattr(self, name), 1)
         _check_int("d_ff", self.d_ff, 0)
+        _check_int("moe_num_experts", self.moe_num_experts, 0)
+        _check_int("moe_min_capacity", self.moe_min_capacity, 0)
         _check(self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         _check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"{name}={value!r} must be > 0")
+        _check(isinstance(self.moe_aux_loss_coef, (int, float)) and self.moe_aux_loss_coef >= 0,
+               f"moe_aux_loss_coef={self.moe_aux_loss_coef!r} must be >= 0")
+        if self.moe_num_experts:
+            _check(self.moe_num_experts >= 2, f"moe_num_experts={self.moe_num_experts} must be 0 (dense) or >= 2")
+            _check(self.moe_num_experts % self.moe_ep_size == 0,
+                   f"moe_ep_size={self.moe_ep_size} must divide moe_num_experts={self.moe_num_experts}")
+            _check(self.moe_layer_interval <= self.n_layer,
+                   f"moe_layer_interval={self.moe_layer_interval} > n_layer={self.n_layer} leaves no MoE layer")
+        else:
+            _check(self.moe_ep_size == 1, "moe_ep_size > 1 needs moe_num_experts > 0")
         if self.d_ff == 0:
             self.d_ff = 4 * self.d_model
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the blocks whose MLP is a Switch MoE layer (empty for a dense model)."""
+        if not self.moe_num_experts:
+            return []
+        return [i for i in range(self.n_layer) if (i + 1) % self.moe_layer_interval == 0]
 
 
 @dataclass
@@ -268,15 +309,19 @@ CLI_SECTIONS = (ModelConfig, DataConfig, RunConfig)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of ModelConfig/DataConfig/RunConfig, e.g. ``--n_layer 6 --train_data corpus.txt``."""
+    """One flag per field of ModelConfig/DataConfig/RunConfig, e.g. ``--n_layer 6 --train_data corpus.txt``.
+
+    Flags default to None ("not given") so that ``from_cli`` can tell a flag from a value in the JSON's ``"model"``
+    block; the dataclass default applies when neither gives one."""
     for cls in CLI_SECTIONS:
         group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
         for f in dataclasses.fields(cls):
             default = f.default
             extra = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--flag` or `--flag false`
             kind = {int: int, float: float, bool: _parse_bool}.get(type(default), str)
-            group.add_argument(f"--{f.name}", type=kind, default=default,
-                               help=f.metadata.get("help", "").replace("%", "%%"), **extra)  # argparse formats help
+            text = f.metadata.get("help", "") + f" (default: {default})"
+            group.add_argument(f"--{f.name}", type=kind, default=None,
+                               help=text.replace("%", "%%"), **extra)  # argparse %-formats help
 
 
 def _parse_bool(text: str) -> bool:
@@ -287,10 +332,26 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def from_cli(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, RunConfig]:
+def from_cli(args: argparse.Namespace, ds_config: Optional[dict] = None) -> tuple[ModelConfig, DataConfig, RunConfig]:
+    """Flags first, then (model settings only) the DeepSpeed JSON's optional ``"model"`` block, then the defaults.
+
+    The ``"model"`` block lets a config file pin an architecture, e.g. ``{"model": {"moe_num_experts": 4,
+    "moe_ep_size": 2}}`` in ``configs/switch_mat_ep2.json``; unknown keys in it are an error."""
+    block = (ds_config or {}).get("model", {})
+    _check(isinstance(block, dict), f'the "model" block must be a JSON object, got {type(block).__name__}')
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(block) - known)
+    _check(not unknown, f'unknown key(s) in the "model" block: {", ".join(unknown)} (known: {", ".join(sorted(known))})')
     out = []
     for cls in CLI_SECTIONS:
-        out.append(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
+        values = {}
+        for f in dataclasses.fields(cls):
+            given = getattr(args, f.name, None)
+            if given is not None:
+                values[f.name] = given
+            elif cls is ModelConfig and f.name in block:
+                values[f.name] = block[f.name]
+        out.append(cls(**values))
     return tuple(out)  # type: ignore[return-value]
 
 

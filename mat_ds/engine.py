@@ -7,6 +7,8 @@
 * ``"total_num_steps": "auto"`` in the scheduler block means ``--train_steps`` (the LR schedule ends with the run).
 * ``--comm_stats`` switches DeepSpeed's comms logger on (unless the JSON configures it), which is how gradient
   communication bytes per step are measured.
+* MoE models (``moe_num_experts > 0``): DeepSpeed splits the optimizer groups into dense and expert groups itself;
+  ZeRO-3 is refused with a message that says what to use (DeepSpeed's native MoE does not support it).
 * ``init_distributed`` is the one place processes join the process group (trainer, benchmarks, test scripts); see its
   docstring for the two CPU-only safeguards it applies.
 """
@@ -21,6 +23,7 @@ import torch
 
 from .config import ConfigError
 from .model import Transformer
+from .moe import check_expert_groups
 
 COMMS_LOGGER = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
 
@@ -58,6 +61,15 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         raise RuntimeError("deepspeed.init_distributed() returned without a process group")
 
 
+def shutdown_distributed() -> None:
+    """Barrier, then tear the process group down. Leaving it to interpreter exit has aborted a gloo rank with
+    "terminate called without an active exception" (exit -6) after all its work was done; call this at the end of
+    every successful multi-rank entry point (not on an error path, where a peer may never reach the barrier)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def build_engine(model: Transformer, ds_config: dict, train_steps: int, comm_stats: bool = False):
     cfg = copy.deepcopy(ds_config)
     sched = cfg.get("scheduler", {}).get("params", {})
@@ -67,6 +79,12 @@ def build_engine(model: Transformer, ds_config: dict, train_steps: int, comm_sta
         raise ConfigError('the DeepSpeed config needs an "optimizer" block, e.g. {"type": "AdamW", "params": '
                           '{"lr": 5e-4, "weight_decay": 0.01, "torch_adam": true}}')
     weight_decay = float(cfg["optimizer"].get("params", {}).get("weight_decay", 0.0))
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if model.cfg.moe_num_experts and stage == 3:
+        # DeepSpeed asserts deep inside initialize; say it up front and say what works instead.
+        raise ConfigError("moe_num_experts > 0 uses DeepSpeed's native MoE layer, which DeepSpeed does not support "
+                          "under ZeRO stage 3: use zero_optimization.stage 2 (or 0/1) for MoE runs, or a dense model "
+                          "(moe_num_experts 0) for ZeRO-3")
     if comm_stats:
         cfg.setdefault("comms_logger", dict(COMMS_LOGGER))
     try:
@@ -76,6 +94,8 @@ def build_engine(model: Transformer, ds_config: dict, train_steps: int, comm_sta
         # DeepSpeed reports config problems as multi-line pydantic/assert messages; keep the first line.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"DeepSpeed rejected the config: {first}") from None
+    if model.cfg.moe_num_experts:
+        check_expert_groups(model)  # DeepSpeed created the expert groups just now
     return engine
 
 

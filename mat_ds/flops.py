@@ -12,6 +12,10 @@ Counting convention (Megatron/PaLM style, matmuls only; LayerNorm, softmax, GELU
 Frozen heads still pay forward and dX: a head's input gradient is needed by the layers below it. A skipped layer
 (RaPTr) costs nothing: no forward, no backward.
 
+MoE (Switch, top-1): a token goes through ONE expert, so an MoE MLP costs what the dense MLP costs per routed token,
+plus the router (d × num_experts). Frozen experts skip their weight gradient for the tokens routed to them
+(``frozen_expert_tokens``, counted from the gates' routing before capacity dropping). Capacity padding is not counted.
+
 The mNTK probe is charged too (honest accounting of MAT's overhead): forward + dX over the probe batch, the per-sample
 gradient GEMMs (2·T·P per sample and head-wise layer) and the n×n Grams (2·n²·P per layer), P = that layer's weights.
 """
@@ -44,7 +48,13 @@ class FlopsModel:
         """Weights that enter a matmul per token (all layers + the LM head weighted by the predicted share)."""
         c = self.cfg
         per_layer = 4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff
-        return c.n_layer * per_layer + round(c.d_model * self.vocab_size * self.predicted_fraction)
+        router = len(c.moe_layers) * c.d_model * c.moe_num_experts
+        return c.n_layer * per_layer + router + round(c.d_model * self.vocab_size * self.predicted_fraction)
+
+    @property
+    def expert_weights(self) -> int:
+        """Parameters of one expert that enter a matmul (fc1 + fc2): the dense MLP's."""
+        return 2 * self.cfg.d_model * self.cfg.d_ff
 
     @property
     def attention_core(self) -> int:
@@ -70,9 +80,12 @@ class FlopsModel:
         return fwd + bwd_dx + bwd_dw
 
     # -- per step ---------------------------------------------------------------------------------------------------
-    def train_step(self, tokens: int, n_frozen_heads: int = 0, n_skipped_layers: int = 0) -> int:
-        """FLOPs of one optimizer step over ``tokens`` tokens (all ranks, all micro-batches)."""
-        return tokens * self.train_per_token(n_frozen_heads, n_skipped_layers)
+    def train_step(self, tokens: int, n_frozen_heads: int = 0, n_skipped_layers: int = 0,
+                   frozen_expert_tokens: int = 0) -> int:
+        """FLOPs of one optimizer step over ``tokens`` tokens (all ranks, all micro-batches);
+        ``frozen_expert_tokens`` = Σ over MoE layers of the tokens routed to a frozen expert (no dW for them)."""
+        return tokens * self.train_per_token(n_frozen_heads, n_skipped_layers) \
+            - 2 * frozen_expert_tokens * self.expert_weights
 
     def probe_parts(self, n_samples: int) -> tuple[int, int]:
         """(forward + dX over the probe batch, per-sample gradient GEMMs + n×n Grams) of one mNTK refresh."""
@@ -81,6 +94,9 @@ class FlopsModel:
         fwd_dx = tokens * (self.forward_per_token() + 2 * self.matmul_weights + 2 * self.attention_core)
         attn_weights = c.n_layer * 4 * c.d_model * c.d_model  # the head-wise layers' weights
         gram_work = 2 * tokens * attn_weights + 2 * n_samples * n_samples * attn_weights
+        if c.moe_num_experts:  # expert slot kernels (dy dyᵀ)⊙(x xᵀ+1) over ~tokens/E slots per expert, fc1 and fc2
+            E = c.moe_num_experts
+            gram_work += len(c.moe_layers) * E * 4 * (tokens // E) ** 2 * (c.d_model + c.d_ff)
         return fwd_dx, gram_work
 
     def probe_total(self, n_samples: int, world_size: int) -> int:

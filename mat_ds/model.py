@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .headwise import HeadwiseLinear, init_std_for_residual
+from .moe import SwitchMLP
 
 
 class Attention(nn.Module):
@@ -35,22 +36,29 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, layer: int = 0, moe_seed: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, causal)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        nn.init.normal_(self.fc1.weight, std=0.02)
-        nn.init.normal_(self.fc2.weight, std=init_std_for_residual(cfg.n_layer))
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
+        self.switch = SwitchMLP(cfg, layer, moe_seed) if layer in cfg.moe_layers else None
+        if self.switch is None:
+            self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+            self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+            nn.init.normal_(self.fc1.weight, std=0.02)
+            nn.init.normal_(self.fc2.weight, std=init_std_for_residual(cfg.n_layer))
+            nn.init.zeros_(self.fc1.bias)
+            nn.init.zeros_(self.fc2.bias)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.switch is not None:
+            return self.switch(x)
+        return self.fc2(F.gelu(self.fc1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class Transformer(nn.Module):
@@ -63,11 +71,15 @@ class Transformer(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
+        # One draw from the global RNG seeds every expert's own generator (mat_ds/moe.py): identical on every rank
+        # and for every ep_size. Drawn only for MoE models so dense models keep their initial weights.
+        moe_seed = int(torch.randint(2**31 - 1, ())) if cfg.moe_num_experts else 0
+        self.blocks = nn.ModuleList(Block(cfg, self.causal, i, moe_seed) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_bias = nn.Parameter(torch.zeros(vocab_size))  # the decoder weight is tied to tok_emb
         # RaPTr: layers set to False here are skipped (identity) in the forward pass. All True outside training steps.
         self.active_layers: list[bool] = [True] * cfg.n_layer
+        self.last_lm_loss: torch.Tensor | None = None  # the LM part of the last training loss (without l_aux)
 
     # -- heads: the modules MAT selects ------------------------------------------------------------------------------
     @property
@@ -85,6 +97,24 @@ class Transformer(nn.Module):
         """Per layer, its parameters that are not head parameters (LayerNorms, MLP): frozen when the layer is skipped."""
         head_ids = {id(p) for head in self.head_modules() for p in head}
         return [[p for p in block.parameters() if id(p) not in head_ids] for block in self.blocks]
+
+    # -- experts: MoE modules MAT selects (Switch layers only) ---------------------------------------------------------
+    def switch_layers(self) -> list[SwitchMLP]:
+        return [b.switch for b in self.blocks if b.switch is not None]
+
+    @property
+    def n_experts_total(self) -> int:
+        return len(self.switch_layers()) * self.cfg.moe_num_experts
+
+    def expert_modules(self) -> list[list[nn.Parameter]]:
+        """Index ``moe_layer * num_experts + expert`` (global expert ids) -> its parameters on this rank ([] where
+        another expert-parallel rank holds the expert)."""
+        return [params for layer in self.switch_layers() for params in layer.expert_params()]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Σ over Switch layers of the last forward's load-balancing loss (None for a dense model)."""
+        losses = [layer.l_aux for layer in self.switch_layers() if layer.l_aux is not None]
+        return torch.stack([torch.as_tensor(v).float().reshape(()) for v in losses]).sum() if losses else None
 
     def headwise_layers(self) -> list[tuple[int, HeadwiseLinear]]:
         """(layer index, layer) for every head-wise linear, used by the mNTK probe."""
@@ -122,7 +152,13 @@ class Transformer(nn.Module):
         logits = F.linear(h, self.tok_emb.weight, self.lm_bias)
         tok = F.cross_entropy(logits.float(), targets[selected], reduction="none")
         if not per_sample:
-            return tok.mean()
+            loss = tok.mean()
+            self.last_lm_loss = loss.detach()
+            aux = self.aux_loss() if self.training else None
+            if aux is not None and self.cfg.moe_aux_loss_coef:
+                # Switch: the balancing term is part of the training objective (not of eval or the mNTK probe).
+                loss = loss + self.cfg.moe_aux_loss_coef * aux
+            return loss
         rows = selected.nonzero()[:, 0]
         sums = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
         return sums / selected.sum(1).clamp_min(1).to(tok.dtype)
@@ -131,4 +167,5 @@ class Transformer(nn.Module):
         """nanoGPT's rule: matrices (incl. embeddings and every head) decay; biases and LayerNorm gains do not."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]  # names: DeepSpeed's MoE split needs them

@@ -5,8 +5,9 @@ Launch (2 ranks; on a CPU-only machine DeepSpeed picks the CPU accelerator and g
     deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/bert_mat_zero2.json
 
 One optimizer step:
-1. on a refresh step (every ``mat.refresh_interval``): measure per-head λmax on the probe batch (``mntk``), let the policy
-   decide the frozen set on identical inputs everywhere, broadcast rank 0's decision, apply it (``freezing``);
+1. on a refresh step (every ``mat.refresh_interval``): measure per-head (and, for a Switch MoE model, per-expert) λmax
+   on the probe batch (``mntk``), let the policy decide the frozen set of each module kind on identical inputs
+   everywhere, broadcast rank 0's decision, apply it (``freezing``);
 2. ``gradient_accumulation_steps`` micro-batches of forward/backward through the engine; frozen heads compute no weight
    gradient, are left out of the gradient reduction, and the optimizer guard keeps their weights and Adam state exact;
 3. account FLOPs (``flops``), log (``tracking``), evaluate, checkpoint (``checkpoint``).
@@ -30,9 +31,9 @@ from .data import DataBundle, global_positions, iter_eval_batches, make_batch, p
 from .engine import build_engine, init_distributed, zero_stage
 from .flops import FlopsModel
 from .freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
-from .mntk import head_lambda_max
+from .mntk import expert_lambda_max, probe_heads
 from .model import Transformer
-from .policy import make_policy
+from .policy import Policy, make_policy
 from .tracking import Tracker
 
 
@@ -89,9 +90,20 @@ class Trainer:
         self.accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = self.micro * self.accum * self.world * data_cfg.seq_len
 
-        # Modules the freezer controls: every head, then every layer's non-head parameters (frozen when RaPTr skips it).
-        self.freezer = FreezeController(self.engine, self.model.head_modules() + self.model.layer_bodies())
-        self.policy = make_policy(self.mat, self.model.n_heads_total, model_cfg.n_layer)
+        # Modules the freezer controls: every head, every layer's non-head parameters (frozen when RaPTr skips it),
+        # then every expert of every Switch layer (global ids; [] on ranks that do not hold the expert).
+        self.moe_layers = model_cfg.moe_layers
+        self.n_experts = self.model.n_experts_total
+        self.freezer = FreezeController(self.engine, self.model.head_modules() + self.model.layer_bodies()
+                                        + self.model.expert_modules())
+        # One policy per module kind: λmax scales differ between heads and experts, so each kind has its own threshold.
+        self.policy = make_policy(self.mat, self.model.n_heads_total, model_cfg.n_layer) \
+            if "heads" in self.mat.modules else Policy(self.mat, self.model.n_heads_total, model_cfg.n_layer)
+        self.expert_policy = make_policy(self.mat, self.n_experts, len(self.moe_layers)) \
+            if self.n_experts and "experts" in self.mat.modules else Policy(self.mat, self.n_experts, 1)
+        if self.expert_policy.name == "raptr":  # RaPTr picks layers; experts follow their layer's path
+            self.expert_policy = Policy(self.mat, self.n_experts, 1)
+        self.tokens_routed = torch.zeros(self.n_experts, dtype=torch.float64)  # this step, all ranks
         self.skipped = torch.zeros(model_cfg.n_layer, dtype=torch.bool)
         self.flops = FlopsModel.for_run(model_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len,
                                          data_cfg.mlm_probability)
@@ -105,6 +117,8 @@ class Trainer:
         if state is not None:
             self.progress = Progress(**state["progress"])
             self.policy.load_state_dict(state["policy"])
+            if "expert_policy" in state:
+                self.expert_policy.load_state_dict(state["expert_policy"])
             self._apply(self.policy.frozen, self.policy.skipped_layers(self.progress.step))
         self.config_dict = {**as_dict(model_cfg, data_cfg, run_cfg, self.mat), "deepspeed": ds_config,
                             "world_size": self.world, "zero_stage": zero_stage(self.engine),
@@ -114,22 +128,46 @@ class Trainer:
                                self.config_dict, enabled=self.is_main,
                                resume_step=self.progress.step if state is not None else None)
 
-    # -- one refresh of the head selection -------------------------------------------------------------------------
+    # -- one refresh of the module selection -----------------------------------------------------------------------
+    def is_refresh_step(self, step: int) -> bool:
+        return self.policy.is_refresh_step(step) or (self.n_experts > 0 and self.expert_policy.is_refresh_step(step))
+
     def refresh(self, step: int) -> dict:
         t0 = time.perf_counter()
-        lam = None
+        lam = lam_e = None
+        probe_metrics: dict = {}
         if self.probe is not None:
-            lam = head_lambda_max(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed)
-            self.progress.probe_flops += self.flops.probe_total(self.probe["input_ids"].shape[0], self.world)
-        decision = torch.cat([self.policy.update(step, lam), self.policy.skipped_layers(step)]).to(torch.uint8)
+            n = self.probe["input_ids"].shape[0]
+            if "heads" in self.mat.modules:
+                # ZeRO-3: each rank's partial Gram over the parameter shard it owns, one n×n all-reduce per head
+                heads = probe_heads(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed)
+                lam = heads.lambda_max()
+                probe_metrics = heads.metrics()
+                if zero_stage(self.engine) == 3:
+                    self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
+            if self.n_experts and "experts" in self.mat.modules:
+                lam_e = expert_lambda_max(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed)
+                if self.world > 1:  # one [moe_layers, E, n, n] fp32 all-reduce
+                    probe_metrics["mat/refresh_comm_bytes"] = probe_metrics.get("mat/refresh_comm_bytes", 0) \
+                        + lam_e.numel() * n * n * 4
+            self.progress.probe_flops += self.flops.probe_total(n, self.world)
+        decision = torch.cat([self.policy.update(step, lam), self.policy.skipped_layers(step),
+                              self.expert_policy.update(step, lam_e)]).to(torch.uint8)
         if self.world > 1:  # rank 0 decides for everyone (identical inputs, but never risk a collective mismatch)
             dist.broadcast(decision, src=0)
-        M = self.policy.n_modules
+        M, L = self.policy.n_modules, self.model_cfg.n_layer
         self.policy.frozen = decision[:M].bool()
-        self._apply(self.policy.frozen, decision[M:].bool())
+        self.expert_policy.frozen = decision[M + L:].bool()
+        self._apply(self.policy.frozen, decision[M:M + L].bool())
         seconds = time.perf_counter() - t0  # MAT's overhead: probe + policy + applying it (not the logging below)
         self.progress.refresh_seconds += seconds
-        metrics = {"mat/refresh_seconds": seconds, "mat/frozen_heads": int(self.policy.frozen.sum())}
+        metrics = {"mat/refresh_seconds": seconds, "mat/frozen_heads": int(self.policy.frozen.sum()), **probe_metrics}
+        if self.n_experts:
+            E = self.model_cfg.moe_num_experts
+            metrics["mat/frozen_experts"] = int(self.expert_policy.frozen.sum())
+            if lam_e is not None:
+                metrics.update({f"mat/expert_lambda_max/L{self.moe_layers[i // E]}E{i % E}": v
+                                for i, v in enumerate(lam_e.flatten().tolist())})
         if lam is not None:
             H = self.model_cfg.n_head
             metrics.update({f"mat/lambda_max/L{i // H}H{i % H}": v for i, v in enumerate(lam.flatten().tolist())})
@@ -140,12 +178,20 @@ class Trainer:
         return metrics
 
     def _apply(self, frozen_heads: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Freeze heads and skipped layers (whole layer: its heads and its body) and set the forward's layer path."""
+        """Freeze heads, experts and skipped layers (whole layer: its heads, body and experts); set the layer path."""
         self.skipped = skipped
         H = self.model_cfg.n_head
         heads = frozen_heads | skipped.repeat_interleave(H)
-        self.freezer.apply(torch.cat([heads, skipped]))
+        experts = self.frozen_experts()
+        self.freezer.apply(torch.cat([heads, skipped, experts]))
         self.model.active_layers = (~skipped).tolist()
+
+    def frozen_experts(self) -> torch.Tensor:
+        """Experts not trained this step: frozen by the policy, or in a layer RaPTr skips."""
+        if not self.n_experts:
+            return torch.zeros(0, dtype=torch.bool)
+        in_skipped = self.skipped[self.moe_layers].repeat_interleave(self.model_cfg.moe_num_experts)
+        return self.expert_policy.frozen | in_skipped
 
     def _frozen_heads_in_active_layers(self) -> int:
         H = self.model_cfg.n_head
@@ -180,12 +226,14 @@ class Trainer:
             step = p.step
             t0 = time.perf_counter()
             metrics: dict = {}
-            if self.policy.is_refresh_step(step):
+            if self.is_refresh_step(step):
                 metrics.update(self.refresh(step))
             watch = self._snapshot_frozen() if self.verify_frozen else None
             comm_before = comm_bytes_snapshot() if run.comm_stats else None
 
             loss_sum = torch.zeros((), dtype=torch.float64)
+            aux_sum = torch.zeros((), dtype=torch.float64)
+            self.tokens_routed.zero_()
             for micro_step in range(self.accum):
                 positions = global_positions(step, micro_step, self.rank, self.world, self.micro, self.accum)
                 batch = make_batch(self.data.train, positions, objective=self.objective, tokenizer=self.data.tokenizer,
@@ -194,15 +242,24 @@ class Trainer:
                 loss = self.engine(batch["input_ids"], batch["labels"])
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.detach().double()
+                loss_sum += self.model.last_lm_loss.double()  # the LM loss; the MoE balancing term is logged apart
+                if self.n_experts:
+                    aux_sum += float(self.model.aux_loss())
+                    self.tokens_routed += torch.cat([layer.exp_counts.double().flatten()
+                                                     for layer in self.model.switch_layers()])
             train_loss = float(_allreduce_mean(loss_sum / self.accum, self.world))
+            if self.n_experts:  # one small all-reduce: [aux, tokens per expert]
+                routed = _allreduce_mean(torch.cat([aux_sum.reshape(1) / self.accum, self.tokens_routed]), self.world)
+                aux_loss, self.tokens_routed = float(routed[0]), routed[1:] * self.world
 
             seconds = time.perf_counter() - t0
             n_skipped = int(self.skipped.sum())
             n_inactive = int((self.policy.frozen | self.skipped.repeat_interleave(self.model_cfg.n_head)).sum())
             p.step += 1
             p.tokens += self.tokens_per_step
-            p.flops += self.flops.train_step(self.tokens_per_step, self._frozen_heads_in_active_layers(), n_skipped)
+            frozen_expert_tokens = int(self.tokens_routed[self.frozen_experts()].sum()) if self.n_experts else 0
+            p.flops += self.flops.train_step(self.tokens_per_step, self._frozen_heads_in_active_layers(), n_skipped,
+                                             frozen_expert_tokens)
             p.train_seconds += seconds
             metrics.update({
                 "train/loss": train_loss,
@@ -218,6 +275,13 @@ class Trainer:
                 "mat/frozen_params": self.freezer.frozen_numel(),
                 "mat/refresh_share": p.refresh_seconds / max(p.train_seconds, 1e-9),
             })
+            if self.n_experts:
+                E = self.model_cfg.moe_num_experts
+                frozen_e = self.frozen_experts()
+                metrics.update({"train/aux_loss": aux_loss, "mat/active_experts": int((~frozen_e).sum()),
+                                "mat/active_expert_fraction": float((~frozen_e).float().mean())})
+                metrics.update({f"moe/tokens/L{self.moe_layers[i // E]}E{i % E}": int(v)
+                                for i, v in enumerate(self.tokens_routed.tolist())})
             if comm_before is not None:
                 after = comm_bytes_snapshot()
                 delta = {op: after[op] - comm_before.get(op, 0) for op in after}
@@ -245,7 +309,7 @@ class Trainer:
             if (run.save_interval and p.step % run.save_interval == 0) or last_step:
                 checkpoint.save(self.engine, run.save_dir, p.step,
                                 {"progress": vars(p).copy(), "policy": self.policy.state_dict(),
-                                 "config": self.config_dict})
+                                 "expert_policy": self.expert_policy.state_dict(), "config": self.config_dict})
 
         summary = {"step": p.step, "val/loss": last_val, "perf/flops_cumulative": p.flops + p.probe_flops,
                    "mat/refresh_share": p.refresh_seconds / max(p.train_seconds, 1e-9)}
@@ -267,15 +331,21 @@ class Trainer:
     def _local(self, param: torch.nn.Parameter) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_tensor") else param.data  # ZeRO-3: this rank's shard
 
+    def _watched(self) -> dict:
+        """Frozen modules to watch: ("head", i) and ("expert", i) -> their parameters on this rank."""
+        heads, experts = self.model.head_modules(), self.model.expert_modules()
+        out = {("head", i): heads[i] for i in self.policy.frozen.nonzero().flatten().tolist()}
+        out.update({("expert", i): experts[i] for i in self.frozen_experts().nonzero().flatten().tolist()})
+        return out
+
     def _snapshot_frozen(self) -> dict:
-        heads = self.model.head_modules()
-        return {i: [self._local(q).clone() for q in heads[i]] for i in self.policy.frozen.nonzero().flatten().tolist()}
+        return {key: [self._local(q).clone() for q in params] for key, params in self._watched().items()}
 
     def _frozen_change(self, snapshot: dict) -> float:
-        heads = self.model.head_modules()
+        watched = self._watched()
         worst = torch.zeros((), dtype=torch.float64)
-        for i, before in snapshot.items():
-            for b, q in zip(before, heads[i]):
+        for key, before in snapshot.items():
+            for b, q in zip(before, watched.get(key, [])):
                 worst = torch.maximum(worst, (self._local(q) - b).abs().max().double())
         if self.world > 1:
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)

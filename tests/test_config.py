@@ -83,6 +83,24 @@ def test_cli_flags_roundtrip():
     assert run.comm_stats is False
 
 
+def test_model_block_in_the_json_is_overridden_by_flags():
+    import argparse
+
+    from mat_ds.config import add_cli_arguments, from_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    ds = {"model": {"moe_num_experts": 4, "moe_ep_size": 2, "n_layer": 6}}
+    model, _, run = from_cli(parser.parse_args([]), ds)
+    assert (model.moe_num_experts, model.moe_ep_size, model.n_layer, run.seed) == (4, 2, 6, RunConfig().seed)
+    model, _, _ = from_cli(parser.parse_args(["--n_layer", "4", "--moe_ep_size", "1"]), ds)
+    assert (model.n_layer, model.moe_ep_size, model.moe_num_experts) == (4, 1, 4)
+    with pytest.raises(ConfigError, match="unknown key.*moe_experts"):
+        from_cli(parser.parse_args([]), {"model": {"moe_experts": 4}})
+    with pytest.raises(ConfigError, match="moe_ep_size=3 must divide"):
+        from_cli(parser.parse_args([]), {"model": {"moe_num_experts": 4, "moe_ep_size": 3}})
+
+
 def test_entry_point_help_renders():
     import subprocess
     import sys

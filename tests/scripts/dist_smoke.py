@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mat_ds.engine import init_distributed  # noqa: E402
+from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
         print(f"DIST_SMOKE ok world={world} backend={dist.get_backend()} "
               f"GLOO_SOCKET_IFNAME={os.environ.get('GLOO_SOCKET_IFNAME')}", flush=True)
     time.sleep(args.sleep)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

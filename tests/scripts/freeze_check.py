@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mat_ds.engine import init_distributed  # noqa: E402
+from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
 from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
 
 D, K, N_HEADS, MICRO, ACCUM = 13, 7, 4, 8, 2
@@ -272,6 +272,7 @@ def main() -> None:
         if rank == 0:
             print("FREEZE_CHECK " + json.dumps(res), flush=True)
         dist.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""Switch-Transformer MLPs on DeepSpeed's MoE layer, with experts as MAT modules.
+
+A block whose index ``l`` satisfies ``(l + 1) % moe_layer_interval == 0`` replaces its dense MLP by
+``deepspeed.moe.layer.MoE`` (top-1 routing, capacity factor, DeepSpeed's load-balancing loss ``l_aux``, random token
+selection when an expert overflows). Expert ``e`` of that layer is one MAT module: its parameters are the expert
+MLP's ``fc1``/``fc2`` weights and biases. With expert parallelism (``moe_ep_size > 1``) a rank holds only
+``num_experts / ep_size`` of them ("local experts"); global expert ``e`` lives on expert-parallel rank
+``e // num_local_experts``. Launch (2 ranks, 4 experts per MoE layer split over both ranks):
+
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/switch_mat_ep2.json \\
+        --moe_num_experts 4 --moe_ep_size 2
+
+Choices made here (DeepSpeed leaves them to the model):
+
+* Expert initialisation: DeepSpeed deep-copies ONE expert module ``num_local_experts`` times, so all experts would
+  start identical. We re-initialise every local expert from a generator seeded by (run seed, layer, GLOBAL expert
+  index), so expert ``e`` has the same initial weights whatever ``ep_size`` is, and experts differ from each other.
+* Expert-parallel rank: DeepSpeed's default E+D topology (no tensor/pipeline parallelism) puts ranks
+  ``[k·ep, (k+1)·ep)`` in one expert-parallel group, i.e. ep_rank = rank % ep_size. The model is built before
+  ``deepspeed.initialize`` creates the groups, so we compute it that way and ``check_expert_groups`` verifies it
+  against DeepSpeed's groups afterwards.
+* The training loss is the LM loss + ``moe_aux_loss_coef · Σ_layers l_aux``; ``train/loss`` logs the LM part only
+  (comparable with dense runs), ``train/aux_loss`` the balancing term.
+
+Routing recovery for the per-expert mNTK (``mat_ds/mntk.py`` computes the Gram from what is recorded here): the gate's
+sparse routes give, for every token s of this rank, its expert ``indices[s]`` (-1 if dropped) and its slot
+``locations[s]`` in that expert's capacity buffer; token s is position ``s % T`` of sample ``s // T``. An expert
+receives ``[ep_size, C, d]`` slots, one slab per source rank of its expert-parallel group. The probe batch is the same
+on every rank, so every source slab holds the same tokens; the expert's owner reads the slab that came from ITSELF,
+whose slot -> sample map it knows locally (no communication) and whose output gradients come from its own copy of
+Σ_i f_i. During the probe, token dropping is switched off (capacity = the largest expert load) so each sample's routing
+depends on that sample alone and Θ is a proper per-sample Gram.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+from .headwise import init_std_for_residual
+
+
+class ExpertMLP(nn.Module):
+    """One expert: the dense block's MLP shape (d -> d_ff -> d, GELU)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    def init_weights(self, gen: torch.Generator, n_layer: int) -> None:
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.randn(self.fc1.weight.shape, generator=gen) * 0.02)
+            self.fc2.weight.copy_(torch.randn(self.fc2.weight.shape, generator=gen) * init_std_for_residual(n_layer))
+            self.fc1.bias.zero_()
+            self.fc2.bias.zero_()
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's index in its expert-parallel group under DeepSpeed's default E+D topology."""
+    if ep_size == 1:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"moe_ep_size={ep_size} needs the distributed launcher (deepspeed --num_gpus N)")
+    world = dist.get_world_size()
+    if world % ep_size:
+        raise ConfigError(f"moe_ep_size={ep_size} must divide the number of ranks ({world})")
+    return dist.get_rank() % ep_size
+
+
+class SwitchMLP(nn.Module):
+    """A block's MLP as a DeepSpeed MoE layer; remembers its last ``l_aux`` and per-expert token counts."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        E, ep = cfg.moe_num_experts, cfg.moe_ep_size
+        self.layer, self.num_experts, self.ep_size = layer, E, ep
+        self.ep_rank = expert_parallel_rank(ep)
+        self.moe = MoE(hidden_size=cfg.d_model, expert=ExpertMLP(cfg.d_model, cfg.d_ff), num_experts=E, ep_size=ep,
+                       k=1, capacity_factor=cfg.moe_capacity_factor,
+                       eval_capacity_factor=cfg.moe_eval_capacity_factor, min_capacity=cfg.moe_min_capacity,
+                       drop_tokens=True, use_rts=True)
+        self.num_local_experts = self.moe.num_local_experts
+        for i, expert in enumerate(self.local_experts()):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + layer * 1_009 + self.global_index(i))
+            expert.init_weights(gen, cfg.n_layer)
+        self.l_aux: torch.Tensor | None = None
+        self.exp_counts: torch.Tensor | None = None
+        self.routes: dict | None = None  # filled by the gate hook while probing (see record_routes)
+
+    def local_experts(self) -> list[ExpertMLP]:
+        return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+
+    def global_index(self, local: int) -> int:
+        return self.ep_rank * self.num_local_experts + local
+
+    def expert_params(self) -> list[list[nn.Parameter]]:
+        """Global expert index -> its parameters on this rank ([] for experts another rank holds)."""
+        out: list[list[nn.Parameter]] = [[] for _ in range(self.num_experts)]
+        for i, expert in enumerate(self.local_experts()):
+            out[self.global_index(i)] = list(expert.parameters())
+        return out
+
+    @property
+    def gate(self):
+        return self.moe.deepspeed_moe.gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, l_aux, counts = self.moe(x)
+        self.l_aux, self.exp_counts = l_aux, counts
+        return out
+
+
+def switch_layers(model: nn.Module) -> list[SwitchMLP]:
+    return [m for m in model.modules() if isinstance(m, SwitchMLP)]
+
+
+def check_expert_groups(model: nn.Module) -> None:
+    """After ``deepspeed.initialize``: our ep_rank assumption must match the groups DeepSpeed created."""
+    from deepspeed.utils import groups
+
+    for layer in switch_layers(model):
+        name = layer.moe.expert_group_name
+        actual = groups._get_expert_parallel_rank(name) if layer.ep_size > 1 else 0
+        if actual != layer.ep_rank:
+            raise RuntimeError(f"expert-parallel rank {actual} from DeepSpeed != assumed {layer.ep_rank}; mat_ds "
+                               f"supports DeepSpeed's default E+D topology only")
+
+
+def expert_data_parallel_group(layer: SwitchMLP):
+    """The ranks that hold the same experts as this one (they reduce the experts' gradients among themselves)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(layer.moe.expert_group_name)
+
+
+@contextlib.contextmanager
+def record_routes(model: nn.Module) -> Iterator[list[SwitchMLP]]:
+    """Probe mode for every Switch layer: no token dropping, and the gate's routes plus every local expert's
+    ``fc1``/``fc2`` input X and output Y recorded in ``layer.routes``:
+    ``{"indices": [S], "locations": [S], "capacity": C, "linears": {local: [(X, Y, linear), ...]}}``."""
+    layers = switch_layers(model)
+    handles, saved = [], []
+    for layer in layers:
+        saved.append(layer.gate.drop_tokens)
+        layer.gate.drop_tokens = False  # capacity = max load: no sample's tokens are dropped because of another's
+        layer.routes = {"linears": {i: [] for i in range(layer.num_local_experts)}}
+
+        def gate_hook(_module, _inputs, output, layer=layer):
+            _l_aux, capacity, _E, indices, locations, _gates, _counts = output
+            layer.routes.update(indices=indices[0].long(), locations=locations[0].long(), capacity=int(capacity))
+
+        handles.append(layer.gate.register_forward_hook(gate_hook))
+        for i, expert in enumerate(layer.local_experts()):
+            for lin in (expert.fc1, expert.fc2):
+                def lin_hook(module, inputs, output, layer=layer, i=i):
+                    layer.routes["linears"][i].append((inputs[0].detach(), output, module))
+                handles.append(lin.register_forward_hook(lin_hook))
+    try:
+        yield layers
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, drop in zip(layers, saved):
+            layer.gate.drop_tokens = drop
+            layer.routes = None
+
+
+def slot_samples(routes: dict, expert: int, seq_len: int) -> torch.Tensor:
+    """For global expert ``expert``: sample index of every slot of its capacity buffer (this rank's tokens), -1 if
+    the slot is empty. Shape [C]."""
+    C = routes["capacity"]
+    out = torch.full((C,), -1, dtype=torch.long, device=routes["indices"].device)
+    mine = (routes["indices"] == expert).nonzero().flatten()
+    out[routes["locations"][mine]] = mine // seq_len
+    return out
