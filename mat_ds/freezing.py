@@ -47,12 +47,16 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["FreezeController", "comm_bytes_snapshot", "GRADIENT_OPS"]
+__all__ = ["FreezeController", "comm_bytes_snapshot", "GRADIENT_OPS", "MOE_DISPATCH_OP"]
 
 # Op names under which DeepSpeed 0.19.8 reduces gradients (stage 0/1/2 on gloo: all_reduce; stage 2 may use reduce on
-# GPUs; stage 3: reduce_scatter_tensor; quantized paths: all_to_all_single). ``all_reduce`` also carries a few scalars
-# per step (grad norm, overflow flag: 4-32 bytes); ``all_gather_into_tensor`` is ZeRO's parameter traffic, not gradients.
-GRADIENT_OPS = frozenset({"all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter_fn", "all_to_all_single"})
+# GPUs; stage 3: reduce_scatter_tensor). ``all_reduce`` also carries a few scalars per step (grad norm, overflow flag:
+# 4-32 bytes); ``all_gather_into_tensor`` is ZeRO's parameter traffic, not gradients. ``all_to_all_single`` is NOT
+# counted: with MoE expert parallelism it is the token dispatch/combine (activations, forward and backward), logged
+# apart as ``MOE_DISPATCH_OP`` traffic. (DeepSpeed's quantized-gradient path, ``zero_quantized_gradients``, would
+# reduce gradients with it too; no mat_ds config enables it.)
+GRADIENT_OPS = frozenset({"all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter_fn"})
+MOE_DISPATCH_OP = "all_to_all_single"
 
 
 def comm_bytes_snapshot() -> dict[str, int]:

@@ -30,7 +30,7 @@ from .config import DataConfig, MATConfig, ModelConfig, RunConfig, as_dict
 from .data import DataBundle, global_positions, iter_eval_batches, make_batch, prepare_data
 from .engine import build_engine, init_distributed, zero_stage
 from .flops import FlopsModel
-from .freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+from .freezing import GRADIENT_OPS, MOE_DISPATCH_OP, FreezeController, comm_bytes_snapshot
 from .mntk import expert_lambda_max, probe_heads
 from .model import Transformer
 from .policy import Policy, make_policy
@@ -286,6 +286,8 @@ class Trainer:
                 after = comm_bytes_snapshot()
                 delta = {op: after[op] - comm_before.get(op, 0) for op in after}
                 metrics["perf/grad_comm_bytes"] = sum(v for op, v in delta.items() if op in GRADIENT_OPS)
+                if self.n_experts:
+                    metrics["perf/moe_dispatch_bytes"] = delta.get(MOE_DISPATCH_OP, 0)  # token all-to-all (ep > 1)
                 metrics["perf/comm_bytes"] = sum(delta.values())
             if watch is not None:
                 metrics["mat/frozen_max_abs_change"] = self._frozen_change(watch)

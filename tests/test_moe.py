@@ -105,6 +105,17 @@ def test_switch_mat_two_ranks_trains_and_freezes_experts(tmp_path, ep):
     tokens = [sum(r[f"moe/tokens/L1E{e}"] for e in range(4)) for r in rows]
     assert set(tokens) == {2 * 8 * 64}  # every token of the step (2 ranks x 8 sequences x 64) is routed once
     assert all(0 < r["train/aux_loss"] < 4 for r in rows)
+    # gradient bytes per step fall by exactly the frozen heads' and experts' fp32 bytes (ZeRO-2, no accumulation);
+    # with ep 1 every rank holds every expert, with ep 2 only rank 0's (the logger's) experts count: checked with
+    # per-rank sizes in moe_check.py. Token all-to-all is traffic of expert parallelism only.
+    head, expert = 4 * 16 * 64, 2 * 64 * 256 + 256 + 64
+    frozen_heads = 0
+    for r in rows:
+        frozen_heads = r.get("mat/frozen_heads", frozen_heads)
+        if ep == 1:
+            expected = rows[0]["perf/grad_comm_bytes"] - 4 * (frozen_heads * head + (8 - r["mat/active_experts"]) * expert)
+            assert r["perf/grad_comm_bytes"] == expected
+        assert (r["perf/moe_dispatch_bytes"] > 0) == (ep == 2)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
