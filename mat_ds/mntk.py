@@ -23,7 +23,7 @@ head l's parameters. We never build J_l from parameters:
 
    The activations themselves are not split: every rank runs the probe's forward and activation backward on the
    whole (identical) probe batch, and under ZeRO-3 that forward/backward all-gathers parameters exactly like a
-   training forward does. ``probe_heads`` reports both costs separately (``HeadProbe``): the Gram all-reduce and the
+   training forward does. ``probe_modules`` reports both costs separately (``ModuleProbe``): the Gram all-reduce and the
    DeepSpeed traffic the probe's forward/backward caused.
 
 Scalar output f_i (``MATConfig.probe_output``):
@@ -34,7 +34,8 @@ Scalar output f_i (``MATConfig.probe_output``):
 
 Experts (Switch MLPs, ``mat_ds/moe.py``): the same activation trick per expert linear, with the routing recovered from
 the gates (``expert_grams``): Θ^e = S K Sᵀ, S the slot -> sample indicator of expert e's capacity buffer, K the
-slot kernel (dy dyᵀ) ⊙ (x xᵀ + 1). One all-reduce of [moe_layers, E, n, n]; expert parallelism included.
+slot kernel (dy dyᵀ) ⊙ (x xᵀ + 1). Same probe pass and same single all-reduce as the heads (``probe_modules(...,
+experts=True)``); expert parallelism included.
 """
 from __future__ import annotations
 
@@ -191,12 +192,13 @@ def _comm_snapshot() -> Optional[dict[str, int]]:
 
 
 @dataclass
-class HeadProbe:
+class ModuleProbe:
     """One mNTK refresh: the Grams and what it cost in communication and per-sample-gradient work on this rank."""
 
-    grams: torch.Tensor  # [n_layer, n_head, n, n] float64 (float32 accuracy), identical on every rank
+    grams: torch.Tensor  # heads: [n_layer, n_head, n, n] float64 (float32 accuracy), identical on every rank
+    expert_grams: Optional[torch.Tensor]  # experts: [n_moe_layers, num_experts, n, n], None unless asked for
     split: str  # "layer" or "shard", as resolved from "auto"
-    # Message bytes of the ONE Gram all-reduce (L·H·n²·4, fp32), counted like DeepSpeed's comms logger counts a
+    # Message bytes of the ONE Gram all-reduce ((L·H + moe_layers·E)·n²·4, fp32), counted like DeepSpeed's comms logger counts a
     # message; 0 on a single rank, where nothing is sent. It goes through torch.distributed directly, so it is NOT
     # included in the comms logger's numbers (and never pollutes the trainer's gradient-traffic metrics).
     gram_allreduce_bytes: int
@@ -210,6 +212,12 @@ class HeadProbe:
         """λmax per head, float64 [n_layer, n_head]."""
         return lambda_max(self.grams)
 
+    def expert_lambda_max(self) -> torch.Tensor:
+        """λmax per expert, float64 [n_moe_layers, num_experts]."""
+        if self.expert_grams is None:
+            raise ValueError("this probe did not measure experts (probe_modules(..., experts=True))")
+        return lambda_max(self.expert_grams)
+
     def metrics(self) -> dict[str, float]:
         """Scalars for the trainer's log."""
         out: dict[str, float] = {"mat/refresh_comm_bytes": self.gram_allreduce_bytes}
@@ -218,12 +226,18 @@ class HeadProbe:
         return out
 
 
-def probe_heads(model: Transformer, batch: dict, probe_output: str = "loss", seed: int = 0, group=None,
-                split: str = "auto") -> HeadProbe:
-    """Θ^l for every head plus the refresh's communication and work (see the module docstring for the method).
+def probe_modules(model: Transformer, batch: dict, probe_output: str = "loss", seed: int = 0, group=None,
+                  split: str = "auto", experts: bool = False) -> ModuleProbe:
+    """Θ for every head (and, with ``experts``, every Switch expert) plus the refresh's communication and work, from
+    ONE probe forward and ONE activation backward (see the module docstring for the method).
 
     Every rank of ``group`` must call this with the same probe batch (one collective per call, in the same order).
+    Experts are reduced over all ranks, so ``experts=True`` needs the default (world) group.
     """
+    from .moe import record_routes
+
+    if experts and group is not None:
+        raise ValueError("experts=True reduces over the world group; do not pass a sub-group")
     cfg = model.cfg
     n = batch["input_ids"].shape[0]
     distributed = dist.is_available() and dist.is_initialized()
@@ -235,10 +249,15 @@ def probe_heads(model: Transformer, batch: dict, probe_output: str = "loss", see
     model.eval()
     comm_before = _comm_snapshot()
     try:
-        with torch.enable_grad(), record_activations(model) as records:
+        with torch.enable_grad(), record_activations(model) as records, \
+                (record_routes(model) if experts else contextlib.nullcontext([])) as layers:
             f = probe_outputs(model, batch, probe_output, seed)
             outputs = [y for (_, _, y) in records]
-            grads = torch.autograd.grad(f.sum(), outputs, allow_unused=True)
+            expert_outputs = [y for layer in layers for recs in layer.routes["linears"].values() for (_, y, _) in recs]
+            grads = torch.autograd.grad(f.sum(), outputs + expert_outputs, allow_unused=True)
+            # the routes live only inside record_routes: fold them into Grams here
+            egrams = _expert_partial_grams(layers, grads[len(outputs):], batch["input_ids"].shape) if layers else None
+            grads = grads[:len(outputs)]
     finally:
         model.train(was_training)
     comm_after = _comm_snapshot()
@@ -261,16 +280,21 @@ def probe_heads(model: Transformer, batch: dict, probe_output: str = "loss", see
         grams[layer] += shard_head_gram(x.float(), dy.float(), module.split, module.n_heads, lo, hi)
         done += n * module.n_heads * (hi - lo)
     sent = 0
-    if world > 1:
-        dist.all_reduce(grams, group=group)
-        sent = grams.numel() * grams.element_size()
-    return HeadProbe(grams.double(), split, sent, probe_comm, done, total)
+    if world > 1:  # ONE all-reduce for heads and experts
+        flat = torch.cat([grams.flatten()] + ([egrams.flatten()] if egrams is not None else []))
+        dist.all_reduce(flat, group=group)
+        sent = flat.numel() * flat.element_size()
+        grams = flat[:grams.numel()].view_as(grams)
+        if egrams is not None:
+            egrams = flat[grams.numel():].view_as(egrams)
+    return ModuleProbe(grams.double(), None if egrams is None else egrams.double(), split, sent, probe_comm, done,
+                       total)
 
 
 def head_grams(model: Transformer, batch: dict, probe_output: str = "loss", seed: int = 0,
                group=None, split: str = "auto") -> torch.Tensor:
     """Θ^l for every head: [n_layer, n_head, n, n] (float64 dtype, float32 accuracy), identical on every rank."""
-    return probe_heads(model, batch, probe_output, seed, group, split).grams
+    return probe_modules(model, batch, probe_output, seed, group, split).grams
 
 
 def lambda_max(grams: torch.Tensor) -> torch.Tensor:
@@ -281,7 +305,7 @@ def lambda_max(grams: torch.Tensor) -> torch.Tensor:
 
 def head_lambda_max(model: Transformer, batch: dict, probe_output: str = "loss", seed: int = 0,
                     group=None, split: str = "auto") -> torch.Tensor:
-    """λmax for every head, float64 [n_layer, n_head]. ``probe_heads`` also reports the refresh's communication."""
+    """λmax for every head, float64 [n_layer, n_head]. ``probe_modules`` also reports the refresh's communication."""
     return lambda_max(head_grams(model, batch, probe_output, seed, group, split))
 
 
@@ -319,8 +343,9 @@ def _linear_slot_kernel(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return (dy @ dy.t()) * (x @ x.t() + 1.0)
 
 
-def expert_grams(model: torch.nn.Module, batch: dict, probe_output: str = "loss", seed: int = 0) -> torch.Tensor:
-    """Θ^e for every expert of every Switch layer: [n_moe_layers, num_experts, n, n] (float64), same on every rank.
+def _expert_partial_grams(layers: list, grads, shape: tuple[int, int]) -> torch.Tensor:
+    """This rank's share of Θ^e for every expert of every Switch layer, float32 [n_moe_layers, E, n, n] (zeros for
+    experts another rank computes). ``grads``: d(Σf)/dY of every recorded expert linear, in ``record_routes`` order.
 
     Each slot of an expert's capacity buffer holds one token, and each token belongs to one sample, so the per-sample
     gradient of expert e is G_i = Σ_{slots c of sample i} g_c with g_c the slot's rank-one gradient. Hence
@@ -329,58 +354,44 @@ def expert_grams(model: torch.nn.Module, batch: dict, probe_output: str = "loss"
     sample's token, also when the expert lives on another expert-parallel rank) comes from ``moe.record_routes``.
 
     Work split: expert e of Switch layer j is computed by ONE rank among those holding it (its expert-data-parallel
-    group member with index (j·E + e) mod group size); one all-reduce (sum) over all ranks completes the tensor.
+    group member with index (j·E + e) mod group size); the caller's all-reduce over all ranks completes the tensor.
     """
-    from .moe import expert_data_parallel_group, record_routes, slot_samples
+    from .moe import expert_data_parallel_group, slot_samples
 
-    n, T = batch["input_ids"].shape
+    n, T = shape
     distributed = dist.is_available() and dist.is_initialized()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), record_routes(model) as layers:
-            f = probe_outputs(model, batch, probe_output, seed)
-            targets, owners = [], []
-            for j, layer in enumerate(layers):
-                for i, recs in layer.routes["linears"].items():
-                    for rec in recs:
-                        targets.append(rec[1])
-                        owners.append((j, i))
-            grads = torch.autograd.grad(f.sum(), targets, allow_unused=True) if targets else []
-            if not layers:
-                return torch.zeros(0, 0, n, n, dtype=torch.float64)
-            E = layers[0].num_experts
-            grams = torch.zeros(len(layers), E, n, n, dtype=torch.float32)
-            kernels: dict[tuple[int, int], torch.Tensor] = {}
-            k = 0
-            for j, layer in enumerate(layers):
-                for i, recs in layer.routes["linears"].items():
-                    for (x, _y, _lin) in recs:
-                        dy = grads[k]
-                        k += 1
-                        # [ep, C, d]: keep the slab this rank sent to itself (its own tokens, see moe.py).
-                        xs = x.reshape(layer.ep_size, -1, x.shape[-1])[layer.ep_rank].float()
-                        dys = (torch.zeros_like(_y) if dy is None else dy)
-                        dys = dys.reshape(layer.ep_size, -1, dys.shape[-1])[layer.ep_rank].float()
-                        kern = _linear_slot_kernel(xs, dys)
-                        kernels[(j, i)] = kern if (j, i) not in kernels else kernels[(j, i)] + kern
-            for (j, i), kern in kernels.items():
-                layer = layers[j]
-                e = layer.global_index(i)
-                if distributed:
-                    edp = expert_data_parallel_group(layer)
-                    if (j * E + e) % dist.get_world_size(edp) != dist.get_rank(edp):
-                        continue  # another holder of this expert computes it
-                slots = slot_samples(layer.routes, e, T)
-                S = torch.zeros(n, slots.numel(), dtype=torch.float32)
-                used = slots >= 0
-                S[slots[used], used.nonzero().flatten()] = 1.0
-                grams[j, e] = S @ kern @ S.t()
-    finally:
-        model.train(was_training)
-    if distributed and dist.get_world_size() > 1:
-        dist.all_reduce(grams)
-    return grams.double()
+    E = layers[0].num_experts
+    grams = torch.zeros(len(layers), E, n, n, dtype=torch.float32)
+    grads = iter(grads)
+    for j, layer in enumerate(layers):
+        for i, recs in layer.routes["linears"].items():
+            e = layer.global_index(i)
+            kern = None
+            for (x, y, _lin) in recs:
+                dy = next(grads)
+                dy = torch.zeros_like(y) if dy is None else dy
+                # [ep, C, d]: keep the slab this rank sent to itself (its own tokens, see moe.py).
+                xs = x.reshape(layer.ep_size, -1, x.shape[-1])[layer.ep_rank].float()
+                dys = dy.reshape(layer.ep_size, -1, dy.shape[-1])[layer.ep_rank].float()
+                kern = _linear_slot_kernel(xs, dys) if kern is None else kern + _linear_slot_kernel(xs, dys)
+            if kern is None:
+                continue
+            if distributed:
+                edp = expert_data_parallel_group(layer)
+                if (j * E + e) % dist.get_world_size(edp) != dist.get_rank(edp):
+                    continue  # another holder of this expert computes it
+            slots = slot_samples(layer.routes, e, T)
+            S = torch.zeros(n, slots.numel(), dtype=torch.float32)
+            used = slots >= 0
+            S[slots[used], used.nonzero().flatten()] = 1.0
+            grams[j, e] = S @ kern @ S.t()
+    return grams
+
+
+def expert_grams(model: torch.nn.Module, batch: dict, probe_output: str = "loss", seed: int = 0) -> torch.Tensor:
+    """Θ^e for every expert of every Switch layer: [n_moe_layers, num_experts, n, n] (float64), same on every rank
+    (see ``_expert_partial_grams``; computed in the same pass as the heads' Grams)."""
+    return probe_modules(model, batch, probe_output, seed, experts=True).expert_grams
 
 
 def explicit_expert_grams(model: torch.nn.Module, batch: dict, probe_output: str = "loss",
@@ -425,8 +436,3 @@ def explicit_expert_grams(model: torch.nn.Module, batch: dict, probe_output: str
         grams /= copies
     return grams
 
-
-def expert_lambda_max(model: torch.nn.Module, batch: dict, probe_output: str = "loss",
-                      seed: int = 0) -> torch.Tensor:
-    """λmax for every expert, float64 [n_moe_layers, num_experts]."""
-    return lambda_max(expert_grams(model, batch, probe_output, seed))

@@ -31,7 +31,7 @@ from .data import DataBundle, global_positions, iter_eval_batches, make_batch, p
 from .engine import build_engine, init_distributed, zero_stage
 from .flops import FlopsModel
 from .freezing import GRADIENT_OPS, MOE_DISPATCH_OP, FreezeController, comm_bytes_snapshot
-from .mntk import expert_lambda_max, probe_heads
+from .mntk import probe_modules
 from .model import Transformer
 from .policy import Policy, make_policy
 from .tracking import Tracker
@@ -138,18 +138,15 @@ class Trainer:
         probe_metrics: dict = {}
         if self.probe is not None:
             n = self.probe["input_ids"].shape[0]
-            if "heads" in self.mat.modules:
-                # ZeRO-3: each rank's partial Gram over the parameter shard it owns, one n×n all-reduce per head
-                heads = probe_heads(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed)
-                lam = heads.lambda_max()
-                probe_metrics = heads.metrics()
-                if zero_stage(self.engine) == 3:
-                    self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
-            if self.n_experts and "experts" in self.mat.modules:
-                lam_e = expert_lambda_max(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed)
-                if self.world > 1:  # one [moe_layers, E, n, n] fp32 all-reduce
-                    probe_metrics["mat/refresh_comm_bytes"] = probe_metrics.get("mat/refresh_comm_bytes", 0) \
-                        + lam_e.numel() * n * n * 4
+            # One probe pass for heads and experts. ZeRO-3: each rank's partial head Gram over the parameter shard it
+            # owns; ONE n×n-per-module all-reduce completes heads and experts.
+            probe = probe_modules(self.engine.module, self.probe, self.mat.probe_output, self.mat.seed,
+                                  experts=self.n_experts > 0 and "experts" in self.mat.modules)
+            if zero_stage(self.engine) == 3:
+                self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
+            lam = probe.lambda_max() if "heads" in self.mat.modules else None
+            lam_e = probe.expert_lambda_max() if probe.expert_grams is not None else None
+            probe_metrics = probe.metrics()
             self.progress.probe_flops += self.flops.probe_total(n, self.world)
         decision = torch.cat([self.policy.update(step, lam), self.policy.skipped_layers(step),
                               self.expert_policy.update(step, lam_e)]).to(torch.uint8)

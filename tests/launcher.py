@@ -9,6 +9,7 @@ pile up until the machine runs out of memory (this is how CI once died with ``Ki
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,6 +48,12 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def tagged_json(stdout: str, tag: str) -> list[dict]:
+    """The JSON objects a check script printed as ``TAG {json}`` lines (rank 0 only), in order."""
+    prefix = tag + " "
+    return [json.loads(line[len(prefix):]) for line in stdout.splitlines() if line.startswith(prefix)]
 
 
 PREFLIGHT_TIMEOUT = 240

@@ -7,13 +7,12 @@ the frozen parameters' bytes (per-stage semantics in ``comm_bytes_snapshot``).
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
 from mat_ds.freezing import comm_bytes_snapshot
-from tests.launcher import REPO, run_deepspeed
+from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "freeze_check.py"
 STAGES = (0, 1, 2, 3)
@@ -24,11 +23,7 @@ def results(tmp_path_factory) -> dict[int, dict]:
     ckpt = tmp_path_factory.mktemp("freeze_ckpt")
     proc = run_deepspeed(SCRIPT, ["--stages", ",".join(map(str, STAGES)), "--ckpt_dir", str(ckpt)], num_gpus=2,
                          timeout=300)
-    out = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("FREEZE_CHECK "):
-            res = json.loads(line[len("FREEZE_CHECK "):])
-            out[res["stage"]] = res
+    out = {r["stage"]: r for r in tagged_json(proc.stdout, "FREEZE_CHECK")}
     assert sorted(out) == list(STAGES), proc.stdout[-4000:]
     return out
 

@@ -16,7 +16,7 @@ import pytest
 from mat_ds.config import ConfigError, MATConfig, ModelConfig
 from mat_ds.flops import FlopsModel
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, run_deepspeed
+from tests.launcher import REPO, run_deepspeed, tagged_json
 
 CHECK = REPO / "tests" / "scripts" / "moe_check.py"
 PAIRS = ((0, 1), (2, 1), (2, 2))  # (ZeRO stage, ep_size)
@@ -25,11 +25,7 @@ PAIRS = ((0, 1), (2, 1), (2, 2))  # (ZeRO stage, ep_size)
 @pytest.fixture(scope="module")
 def checks() -> dict:
     proc = run_deepspeed(CHECK, ["--configs", ",".join(f"{s}:{e}" for s, e in PAIRS)], timeout=300)
-    out = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("MOE_CHECK "):
-            res = json.loads(line[len("MOE_CHECK "):])
-            out[(res["stage"], res["ep_size"]) if "stage" in res else "zero3"] = res
+    out = {(r["stage"], r["ep_size"]) if "stage" in r else "zero3": r for r in tagged_json(proc.stdout, "MOE_CHECK")}
     assert set(out) == {*PAIRS, "zero3"}, proc.stdout[-4000:]
     return out
 

@@ -8,7 +8,6 @@ DeepSpeed traffic (ZeRO-3 parameter all-gathers) is reported.
 """
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -17,9 +16,9 @@ import torch
 
 from mat_ds.config import ModelConfig
 from mat_ds.headwise import HeadwiseLinear, per_sample_head_grads
-from mat_ds.mntk import head_grams, probe_heads, resolve_split, shard_head_gram, zero3_owned_range
+from mat_ds.mntk import head_grams, probe_modules, resolve_split, shard_head_gram, zero3_owned_range
 from mat_ds.model import Transformer
-from tests.launcher import REPO, run_deepspeed
+from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "zero3_gram_check.py"
 
@@ -95,7 +94,7 @@ def test_split_modes_on_one_process():
     assert resolve_split(m) == "layer"  # nothing is ZeRO-3 partitioned
     with pytest.raises(ValueError):
         resolve_split(m, "rows")
-    probe = probe_heads(m, b)
+    probe = probe_modules(m, b)
     assert probe.split == "layer" and probe.gram_allreduce_bytes == 0  # one rank: nothing is sent
     assert probe.grad_numel == probe.grad_numel_unsplit
     assert probe.probe_comm_bytes in (None, {})
@@ -108,9 +107,9 @@ def test_split_modes_on_one_process():
 @pytest.fixture(scope="module")
 def zero3() -> dict:
     proc = run_deepspeed(SCRIPT, [], num_gpus=2, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZERO3_GRAM ")]
-    assert len(lines) == 1, proc.stdout[-4000:]
-    return json.loads(lines[0][len("ZERO3_GRAM "):])
+    results = tagged_json(proc.stdout, "ZERO3_GRAM")
+    assert len(results) == 1, proc.stdout[-4000:]
+    return results[0]
 
 
 def test_zero3_chunk_layout_is_what_mntk_assumes(zero3):

@@ -35,7 +35,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa:
 
 from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
 from mat_ds.freezing import comm_bytes_snapshot  # noqa: E402
-from mat_ds.mntk import explicit_head_grams, lambda_max, probe_heads, resolve_split, zero3_owned_range  # noqa: E402
+from mat_ds.mntk import explicit_head_grams, lambda_max, probe_modules, resolve_split, zero3_owned_range  # noqa: E402
 from mat_ds.model import Transformer  # noqa: E402
 
 CFG = dict(arch="bert", n_layer=2, n_head=3, d_model=15, d_ff=30, dropout=0.1)
@@ -147,7 +147,7 @@ def main() -> None:
     e0, _, _, _ = deepspeed.initialize(model=m0, model_parameters=m0.param_groups(0.01), config=ds_config(0))
     train_step(e0, 10)
     res["zero0_auto_split"] = resolve_split(e0.module)
-    p0 = probe_heads(e0.module, probe, split="layer")
+    p0 = probe_modules(e0.module, probe, split="layer")
     res["zero0_after_probe_loss"] = train_step(e0, 20)[0]
     res["zero0_probe_comm_bytes"] = p0.probe_comm_bytes
     res["zero0_gram_allreduce_bytes"] = p0.gram_allreduce_bytes
@@ -159,14 +159,14 @@ def main() -> None:
     train_step(e3, 10)
     res.update(check_layout(e3.module, base))
     res["zero3_auto_split"] = resolve_split(e3.module)
-    p3 = probe_heads(e3.module, probe)  # auto -> shard
+    p3 = probe_modules(e3.module, probe)  # auto -> shard
     # The probe's autograd.grad stops at the recorded layer outputs, so ZeRO-3's post-backward release never fires for
     # the modules below them (embeddings, block 0's LayerNorm and QKV) and for the root's tied decoder weight: those
     # stay gathered until the next step, unless the caller releases them (what the trainer should do).
     res["zero3_gathered_numel_after_probe"] = gathered_leftovers(e3.module)
     e3.empty_partition_cache()
     res["zero3_gathered_numel_after_release"] = gathered_leftovers(e3.module)
-    p3_layer = probe_heads(e3.module, probe, split="layer")  # the other split on the same engine, for comparison
+    p3_layer = probe_modules(e3.module, probe, split="layer")  # the other split on the same engine, for comparison
     # ... and this time no release: the next step must still be right (it re-uses, then releases, the leftovers).
     res["zero3_after_probe_loss"], res["zero3_step_comm_bytes"] = train_step(e3, 20)
     res["zero3_gathered_numel_after_step"] = gathered_leftovers(e3.module)
