@@ -17,17 +17,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from mat_ds.config import add_cli_arguments, from_cli, load_deepspeed_config  # noqa: E402
-from mat_ds.data import global_positions, make_batch, prepare_data  # noqa: E402
-from mat_ds.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
-from mat_ds.flops import FlopsModel  # noqa: E402
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
-from mat_ds.model import Transformer  # noqa: E402
+from mat_ds.config import add_cli_arguments, from_cli, load_deepspeed_config
+from mat_ds.data import global_positions, make_batch, prepare_data
+from mat_ds.engine import build_engine, init_distributed, shutdown_distributed
+from mat_ds.flops import FlopsModel
+from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+from mat_ds.model import Transformer
 
 
 def main() -> None:

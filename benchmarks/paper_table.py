@@ -36,12 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import plots  # noqa: E402
-from plots import METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir  # noqa: E402
+import numpy as np
+import plots
+from plots import METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir
 
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"

@@ -164,7 +164,6 @@ def replay_frozen(rows: Rows, mat_block: dict, labels: list[str], steps: np.ndar
     """Frozen mask [heads, refreshes] decided at each refresh, replayed through mat_ds's MAT policy; None if the
     replay cannot be checked against the logged ``mat/frozen_heads`` counts or disagrees with them."""
     try:
-        sys.path.insert(0, str(REPO))
         import torch
 
         from mat_ds.config import MATConfig

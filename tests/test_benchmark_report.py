@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import paper_table as pt  # noqa: E402
 import plots  # noqa: E402

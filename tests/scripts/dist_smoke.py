@@ -13,12 +13,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
+from mat_ds.engine import init_distributed, shutdown_distributed
 
 
 def main() -> None:

@@ -23,16 +23,14 @@ import tempfile
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
+from mat_ds.engine import init_distributed, shutdown_distributed
+from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
 
 D, K, N_HEADS, MICRO, ACCUM = 13, 7, 4, 8, 2
 FROZEN = [1, 3]

@@ -24,16 +24,14 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from mat_ds.config import ConfigError, ModelConfig  # noqa: E402
-from mat_ds.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot  # noqa: E402
-from mat_ds.mntk import expert_grams, explicit_expert_grams, lambda_max  # noqa: E402
-from mat_ds.model import Transformer  # noqa: E402
+from mat_ds.config import ConfigError, ModelConfig
+from mat_ds.engine import build_engine, init_distributed, shutdown_distributed
+from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+from mat_ds.mntk import expert_grams, explicit_expert_grams, lambda_max
+from mat_ds.model import Transformer
 
 VOCAB, T, N_PROBE, MICRO, ACCUM = 64, 8, 6, 4, 2
 FROZEN = [0, 3, 5]  # global expert ids: layer 0 experts 0 and 3, layer 1 expert 1

@@ -24,19 +24,17 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import deepspeed
+import torch
+import torch.distributed as dist
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from mat_ds.config import ModelConfig
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from mat_ds.config import ModelConfig  # noqa: E402
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
-
-from mat_ds.engine import init_distributed, shutdown_distributed  # noqa: E402
-from mat_ds.freezing import comm_bytes_snapshot  # noqa: E402
-from mat_ds.mntk import explicit_head_grams, lambda_max, probe_modules, resolve_split, zero3_owned_range  # noqa: E402
-from mat_ds.model import Transformer  # noqa: E402
+from mat_ds.engine import init_distributed, shutdown_distributed
+from mat_ds.freezing import comm_bytes_snapshot
+from mat_ds.mntk import explicit_head_grams, lambda_max, probe_modules, resolve_split, zero3_owned_range
+from mat_ds.model import Transformer
 
 CFG = dict(arch="bert", n_layer=2, n_head=3, d_model=15, d_ff=30, dropout=0.1)
 VOCAB, SEQ, MICRO = 64, 16, 4

@@ -33,16 +33,13 @@ depends on that sample alone and Θ is a proper per-sample Gram.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, ModelConfig
-from .headwise import init_std_for_residual
+from ..config import ConfigError, ModelConfig
+from ..core.headwise import init_std_for_residual
 
 
 class ExpertMLP(nn.Module):
@@ -123,64 +120,3 @@ class SwitchMLP(nn.Module):
 
 def switch_layers(model: nn.Module) -> list[SwitchMLP]:
     return [m for m in model.modules() if isinstance(m, SwitchMLP)]
-
-
-def check_expert_groups(model: nn.Module) -> None:
-    """After ``deepspeed.initialize``: our ep_rank assumption must match the groups DeepSpeed created."""
-    from deepspeed.utils import groups
-
-    for layer in switch_layers(model):
-        name = layer.moe.expert_group_name
-        actual = groups._get_expert_parallel_rank(name) if layer.ep_size > 1 else 0
-        if actual != layer.ep_rank:
-            raise RuntimeError(f"expert-parallel rank {actual} from DeepSpeed != assumed {layer.ep_rank}; mat_ds "
-                               f"supports DeepSpeed's default E+D topology only")
-
-
-def expert_data_parallel_group(layer: SwitchMLP):
-    """The ranks that hold the same experts as this one (they reduce the experts' gradients among themselves)."""
-    from deepspeed.utils import groups
-
-    return groups._get_expert_data_parallel_group(layer.moe.expert_group_name)
-
-
-@contextlib.contextmanager
-def record_routes(model: nn.Module) -> Iterator[list[SwitchMLP]]:
-    """Probe mode for every Switch layer: no token dropping, and the gate's routes plus every local expert's
-    ``fc1``/``fc2`` input X and output Y recorded in ``layer.routes``:
-    ``{"indices": [S], "locations": [S], "capacity": C, "linears": {local: [(X, Y, linear), ...]}}``."""
-    layers = switch_layers(model)
-    handles, saved = [], []
-    for layer in layers:
-        saved.append(layer.gate.drop_tokens)
-        layer.gate.drop_tokens = False  # capacity = max load: no sample's tokens are dropped because of another's
-        layer.routes = {"linears": {i: [] for i in range(layer.num_local_experts)}}
-
-        def gate_hook(_module, _inputs, output, layer=layer):
-            _l_aux, capacity, _E, indices, locations, _gates, _counts = output
-            layer.routes.update(indices=indices[0].long(), locations=locations[0].long(), capacity=int(capacity))
-
-        handles.append(layer.gate.register_forward_hook(gate_hook))
-        for i, expert in enumerate(layer.local_experts()):
-            for lin in (expert.fc1, expert.fc2):
-                def lin_hook(module, inputs, output, layer=layer, i=i):
-                    layer.routes["linears"][i].append((inputs[0].detach(), output, module))
-                handles.append(lin.register_forward_hook(lin_hook))
-    try:
-        yield layers
-    finally:
-        for h in handles:
-            h.remove()
-        for layer, drop in zip(layers, saved):
-            layer.gate.drop_tokens = drop
-            layer.routes = None
-
-
-def slot_samples(routes: dict, expert: int, seq_len: int) -> torch.Tensor:
-    """For global expert ``expert``: sample index of every slot of its capacity buffer (this rank's tokens), -1 if
-    the slot is empty. Shape [C]."""
-    C = routes["capacity"]
-    out = torch.full((C,), -1, dtype=torch.long, device=routes["indices"].device)
-    mine = (routes["indices"] == expert).nonzero().flatten()
-    out[routes["locations"][mine]] = mine // seq_len
-    return out

@@ -13,19 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .headwise import HeadwiseLinear, init_std_for_residual
-from .moe import SwitchMLP
+from ..config import ModelConfig
+from ..core.headwise import HeadwiseLinear, init_std_for_residual
+from .switch import SwitchMLP
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, layer: int):
         super().__init__()
         self.n_head, self.d_head, self.causal = cfg.n_head, cfg.d_head, causal
         # Per head the QKV parameter is [3·d_head, d_model]: rows (q_h, k_h, v_h).
-        self.qkv = HeadwiseLinear(cfg.d_model, 3 * cfg.d_model, cfg.n_head, split="out")
+        self.qkv = HeadwiseLinear(cfg.d_model, 3 * cfg.d_model, cfg.n_head, split="out", layer=layer)
         self.proj = HeadwiseLinear(cfg.d_model, cfg.d_model, cfg.n_head, split="in",
-                                   init_std=init_std_for_residual(cfg.n_layer))
+                                   init_std=init_std_for_residual(cfg.n_layer), layer=layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -39,7 +39,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool, layer: int = 0, moe_seed: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg, causal)
+        self.attn = Attention(cfg, causal, layer)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.switch = SwitchMLP(cfg, layer, moe_seed) if layer in cfg.moe_layers else None
         if self.switch is None:
@@ -90,7 +90,7 @@ class Transformer(nn.Module):
         """Index ``layer * n_head + head`` -> that head's parameters [qkv rows, output-projection columns]."""
         out = []
         for block in self.blocks:
-            out.extend([q, o] for q, o in zip(block.attn.qkv.head_params(), block.attn.proj.head_params()))
+            out.extend([q, o] for q, o in zip(block.attn.qkv.weight_params(), block.attn.proj.weight_params()))
         return out
 
     def layer_bodies(self) -> list[list[nn.Parameter]]:
@@ -115,10 +115,6 @@ class Transformer(nn.Module):
         """Σ over Switch layers of the last forward's load-balancing loss (None for a dense model)."""
         losses = [layer.l_aux for layer in self.switch_layers() if layer.l_aux is not None]
         return torch.stack([torch.as_tensor(v).float().reshape(()) for v in losses]).sum() if losses else None
-
-    def headwise_layers(self) -> list[tuple[int, HeadwiseLinear]]:
-        """(layer index, layer) for every head-wise linear, used by the mNTK probe."""
-        return [(i, m) for i, b in enumerate(self.blocks) for m in (b.attn.qkv, b.attn.proj)]
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""Model-family adapters: convert a model the user already trains into one whose attention units are head-wise.
+
+``convert_model(model)`` (called by ``mat_ds.initialize``; call it yourself first if you build optimizer parameter
+groups by hand) tries each family in order and converts IN PLACE, keeping the function (logits equal to 1e-6 in fp32,
+tested per family). Each family module exports ``matches(model)``, ``convert(model) -> layers converted`` and
+``objective(model) -> "masked_lm" | "causal_lm"``; the project's own Transformer also offers a layer path (RaPTr).
+
+* ``own``: mat_ds's Transformer (already head-wise).
+* ``hf_bert``: BERT-style separate Q/K/V/O ``nn.Linear`` with biases.
+* ``hf_gpt2``: GPT-2 ``Conv1D`` ``c_attn`` (blocked [Q|K|V]) + ``c_proj``.
+* ``hf_llama``: LLaMA/Mistral-style ``q/k/v/o_proj`` with grouped KV heads (unit = KV group).
+
+Any other model: ``make_headwise`` converts named ``nn.Linear`` projections of one layer yourself (README, "Your own
+model"); ``deepspeed.moe`` experts need no conversion.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from ..core.config import ConfigError, MATConfig
+from ..core.headwise import HeadwiseLinear, headwise_layers
+from ..core.probe import hf_probe_fn
+
+FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama")
+
+
+def _family(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+@dataclass
+class Conversion:
+    """What ``convert_model`` did: the family, and old parameter -> new parameters for remapping optimizer groups."""
+
+    family: Optional[str]  # None: nothing recognised (user-made head-wise layers and/or MoE experts only)
+    replaced: dict = field(default_factory=dict)  # id(old param) -> [new params]
+
+    def remap(self, model_parameters):
+        """Replace the unconverted model's parameters by their head-wise pieces, in lists or param-group dicts."""
+        if not self.replaced:
+            return model_parameters
+        items = list(model_parameters)
+
+        def swap(params: Iterable) -> list:
+            return [q for p in params for q in self.replaced.get(id(p), [p])]
+
+        if items and isinstance(items[0], dict):
+            return [{**g, "params": swap(g["params"])} for g in items]
+        return swap(items)
+
+    def probe_fn(self, model: nn.Module, cfg: MATConfig) -> Callable:
+        if self.family == "own":
+            return _family("own").probe_fn(cfg)
+        if self.family is None:
+            raise ConfigError(f"mat_ds does not know the training objective of {type(model).__name__}: pass "
+                              f"probe_fn=(model, batch) -> per-sample scalar [n] to mat_ds.initialize")
+        return hf_probe_fn(_family(self.family).objective(model), cfg.probe_output, cfg.seed)
+
+    def layer_path(self, model: nn.Module):
+        if self.family == "own":
+            return _family("own").LayerPath(model)
+        return None
+
+
+def convert_model(model: nn.Module) -> Conversion:
+    """Convert ``model`` in place (idempotent). See the module docstring."""
+    before = {name: p for name, p in model.named_parameters()}
+    family = None
+    for name in FAMILIES:
+        try:
+            module = _family(name)
+        except ImportError as exc:  # a family whose library is missing (e.g. transformers) cannot match anyway
+            if "transformers" in str(exc):
+                continue
+            raise
+        if module.matches(model):
+            module.convert(model)
+            family = name
+            break
+    after = dict(model.named_parameters())
+    return Conversion(family, _replacements(before, after))
+
+
+def _replacements(before: dict, after: dict) -> dict:
+    """Old ``prefix.weight`` -> new ``prefix.w{u}``; old ``prefix.bias`` -> ``prefix.b{u}`` or ``prefix.bias``."""
+    gone = {name: p for name, p in before.items() if name not in after or after[name] is not p}
+    out = {}
+    for name, p in gone.items():
+        prefix, _, leaf = name.rpartition(".")
+        stem = "w" if leaf == "weight" else "b"
+        new = [q for n, q in after.items() if n.rpartition(".")[0] == prefix
+               and (n.rpartition(".")[2] == leaf or (n.rpartition(".")[2][:1] == stem
+                                                     and n.rpartition(".")[2][1:].isdigit()))]
+        if new:
+            out[id(p)] = new
+    return out
+
+
+def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: list[str], n_units: int) -> None:
+    """Mark one transformer layer of YOUR model for MAT: convert its attention projections (``nn.Linear`` submodules
+    named by their qualified names) in place. ``out_proj``: projections whose OUTPUT channels belong to units (Q, K, V;
+    unit u = channels [u·k, (u+1)·k)); ``in_proj``: projections whose INPUT channels do (the output projection).
+    ``n_units``: heads (or KV groups) of the layer. Call it for every layer before ``mat_ds.initialize``."""
+    for names, split in ((out_proj, "out"), (in_proj, "in")):
+        for qual in names:
+            parent_name, _, attr = qual.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name) if parent_name else model
+                lin = getattr(parent, attr)
+            except AttributeError:
+                raise ConfigError(f"make_headwise: {type(model).__name__} has no submodule {qual!r}") from None
+            if isinstance(lin, HeadwiseLinear):
+                continue
+            if not isinstance(lin, nn.Linear):
+                raise ConfigError(f"make_headwise: {qual} is a {type(lin).__name__}, expected nn.Linear")
+            try:
+                setattr(parent, attr, HeadwiseLinear.from_linear(lin, n_units, split, layer=layer))
+            except ValueError as exc:
+                raise ConfigError(f"make_headwise: {qual}: {exc}") from None
+
+
+__all__ = ["Conversion", "FAMILIES", "convert_model", "make_headwise", "headwise_layers"]

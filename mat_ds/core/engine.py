@@ -1,0 +1,369 @@
+"""``mat_ds.initialize``: ``deepspeed.initialize`` with Modular Adaptive Training running inside the engine.
+
+    engine, optimizer, dataloader, lr_scheduler = mat_ds.initialize(model=model, config="ds.json")
+    loss = engine(**batch).loss; engine.backward(loss); engine.step()      # the user's loop, unchanged
+
+What happens, in order:
+
+1. the ``"mat"`` block of the config is read and validated (``MATConfig``). No block, or ``"enabled": false``: the
+   call IS ``deepspeed.initialize`` (same arguments, same return values, nothing converted or hooked);
+2. the model is converted in place (``mat_ds/adapters``): attention projections of known families become head-wise
+   linears; already head-wise layers and ``deepspeed.moe`` experts are used as they are. ``model_parameters`` given
+   as a list (or param groups) of the unconverted model's parameters are remapped to the converted ones;
+3. ``deepspeed.initialize`` builds the engine with EVERYTHING trainable (a parameter frozen at initialize never
+   enters DeepSpeed's optimizer, so it could never come back);
+4. a ``MATController`` is attached as ``engine.mat``. It runs inside the engine through one forward pre-hook: at
+   the first training forward of every optimizer step (the step boundary; never inside gradient accumulation) it
+   collects probe samples until the probe set is full, and on refresh steps measures λmax
+   (``mntk.probe_units``), lets each kind's policy decide on rank 0, broadcasts the decision and freezes
+   (``freezing.FreezeController``). ``engine.save_checkpoint``/``load_checkpoint`` carry MAT's state in the client
+   state under ``"mat"`` (λ history, frozen sets, policy and probe set).
+
+Per-step metrics: ``engine.mat.metrics()`` (``mat/`` keys; λmax per unit on refresh steps). When DeepSpeed's monitor
+is enabled (``"wandb"``/``"tensorboard"``/``"csv_monitor"`` blocks) they are written there too, at ``global_samples``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, MATConfig
+from .freezing import FreezeController
+from .mntk import probe_units
+from .policy import Policy, make_policy
+from .probe import ProbeSet
+from .units import ModelUnits, Unit, find_units
+
+CLIENT_KEY = "mat"
+
+
+def load_config(config: Any) -> dict:
+    """A DeepSpeed config given as a dict or a JSON path (one-line ``ConfigError`` otherwise)."""
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise ConfigError(f"DeepSpeed config {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+        return cfg
+    raise ConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=None, model_parameters=None,
+               training_data=None, lr_scheduler=None, config=None, *, probe_batch: Optional[dict] = None,
+               probe_fn: Optional[Callable] = None, **deepspeed_kwargs):
+    """``deepspeed.initialize`` plus MAT (see the module docstring). Returns ``(engine, optimizer, dataloader,
+    lr_scheduler)`` exactly like DeepSpeed; the engine has ``engine.mat`` when MAT is enabled.
+
+    ``probe_batch``: the fixed probe set (dict of tensors, n rows, same on every rank); default: the first
+    ``mat.probe_samples`` training samples the engine sees. ``probe_fn(model, batch) -> Tensor[n]``: the per-sample
+    scalar f_i; default: the model family's masked/causal LM loss from logits + labels (``mat_ds/core/probe.py``).
+    """
+    if model is None:
+        raise ConfigError("mat_ds.initialize needs model=")
+    if config is None and args is not None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+    ds_config = load_config(config) if config is not None else None
+    mat = MATConfig.from_dict((ds_config or {}).get("mat"))
+    if not mat.enabled:
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    training_data=training_data, lr_scheduler=lr_scheduler, config=config,
+                                    **deepspeed_kwargs)
+    from ..adapters import convert_model
+
+    conversion = convert_model(model)
+    units = find_units(model)
+    if not units.heads and not units.experts:
+        raise ConfigError(
+            f"mat_ds found no attention units or deepspeed.moe experts in {type(model).__name__} (families it "
+            f"converts: mat_ds Transformer, HF BERT, GPT-2, LLaMA/Mistral/Qwen2): mark your own model's attention "
+            f"with mat_ds.make_headwise(model, layer=..., out_proj=[...], in_proj=[...], n_units=...) before "
+            f"mat_ds.initialize (README: 'Your own model')")
+    check_supported(ds_config, mat, units)
+    if model_parameters is not None:
+        model_parameters = conversion.remap(model_parameters)
+    if probe_fn is None and mat.needs_probe:
+        probe_fn = conversion.probe_fn(model, mat)
+    engine, opt, loader, sched = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                                      model_parameters=model_parameters,
+                                                      training_data=training_data, lr_scheduler=lr_scheduler,
+                                                      config=ds_config, **deepspeed_kwargs)
+    # ep_rank is known only now that DeepSpeed created the expert groups: list the experts' local params again.
+    units = find_units(model)
+    engine.mat = MATController(engine, mat, units, probe_fn, probe_batch, conversion.layer_path(model))
+    return engine, opt, loader, sched
+
+
+def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits) -> None:
+    """Configurations MAT cannot run, said up front in one line (never a traceback from deep inside DeepSpeed)."""
+    cfg = ds_config or {}
+    zero = cfg.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if units.experts and stage == 3:
+        raise ConfigError("the model has deepspeed.moe experts, which DeepSpeed does not support under ZeRO stage 3: "
+                          "use zero_optimization.stage 2 (or 0/1) for MoE models")
+    half = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if half and stage == 0 and mat.freezes:
+        raise ConfigError("MAT freezing under bf16/fp16 needs ZeRO stage 1, 2 or 3 (its optimizer guard works on "
+                          "ZeRO's fp32 master partitions): set zero_optimization.stage >= 1, or train in fp32")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none") and mat.freezes:
+            raise ConfigError(f"zero_optimization.{key} (ZeRO-Offload) is not supported with MAT freezing yet: remove "
+                              f"it, or use policy 'full'")
+
+
+class MATController:
+    """MAT inside a live DeepSpeed engine (``engine.mat``). See the module docstring for when it acts."""
+
+    def __init__(self, engine, cfg: MATConfig, units: ModelUnits, probe_fn: Optional[Callable],
+                 probe_batch: Optional[dict], layer_path=None):
+        self.engine, self.cfg, self.units = engine, cfg, units
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.probe_fn = probe_fn
+        cfg.check_model(len(units.attention_layers) or 1)
+        self.layer_path = layer_path if cfg.policy == "raptr" else None
+        if cfg.policy == "raptr" and layer_path is None:
+            raise ConfigError("mat.policy='raptr' skips whole layers, which mat_ds supports for its own Transformer "
+                              "only; use policy mat, rand or multirate for this model")
+        self.n_layers = layer_path.n_layers if self.layer_path is not None else max(len(units.attention_layers), 1)
+        # Freezer modules: heads, then experts, then (RaPTr) each layer's non-unit parameters.
+        bodies = self.layer_path.bodies() if self.layer_path is not None else []
+        self.freezer = FreezeController(engine, [u.params for u in units.heads] + [u.params for u in units.experts]
+                                        + bodies)
+        # One policy per unit kind: λmax scales differ between heads and experts, so each has its own threshold.
+        self.policies: dict[str, Policy] = {}
+        for kind in ("heads", "experts"):
+            n = len(units.of_kind(kind))
+            selects = kind in cfg.modules and n > 0 and not (kind == "experts" and cfg.policy == "raptr")
+            self.policies[kind] = make_policy(cfg, n, self.n_layers) if selects else Policy(cfg, n, self.n_layers)
+        self.skipped = torch.zeros(self.n_layers, dtype=torch.bool)
+        self.probe = ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module)) if cfg.needs_probe else None
+        self.refresh_seconds_total = 0.0
+        self.last_probe = None  # the last UnitProbe (Grams, comm bytes), for inspection
+        self._step_seen = -1
+        self._pending: dict[str, float] = {}
+        self._hook = engine.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._wrap_checkpointing()
+
+    # -- the hook --------------------------------------------------------------------------------------------------
+    def _before_forward(self, _module, args, kwargs):
+        if not (self.engine.training and torch.is_grad_enabled()):
+            return None  # evaluation, or a forward under no_grad: MAT does nothing
+        step = int(self.engine.global_steps)
+        if step == self._step_seen:
+            return None  # a later micro-batch of the same optimizer step: decisions hold inside accumulation
+        self._step_seen = step
+        if self.probe is not None and not self.probe.ready:
+            self.probe.observe(args, kwargs)
+        if self.is_refresh_step(step):
+            # The probe must not move the training RNG stream (DeepSpeed's RTS gates draw random numbers even in
+            # eval mode): a run's dropout masks and routing are then the same whether or not it refreshes here.
+            with torch.random.fork_rng(devices=_rng_devices()):
+                self.refresh(step)
+        self._write_monitor()
+        return None
+
+    def is_refresh_step(self, step: int) -> bool:
+        if self.probe is not None and not self.probe.ready:
+            return False  # nothing to measure yet (see probe.ProbeSet): keep training everything
+        return any(p.is_refresh_step(step) for p in self.policies.values())
+
+    # -- one refresh -----------------------------------------------------------------------------------------------
+    def refresh(self, step: int) -> dict:
+        """Measure (if the policy needs λmax), decide on rank 0, broadcast, freeze. Returns this refresh's metrics."""
+        t0 = time.perf_counter()
+        lam: dict[str, Optional[torch.Tensor]] = {"heads": None, "experts": None}
+        metrics: dict[str, float] = {}
+        if self.probe is not None:
+            device = next(self.engine.module.parameters()).device
+            want_experts = "experts" in self.cfg.modules and bool(self.units.experts)
+            result = probe_units(self.engine.module, self.units, self.probe.on(device), self.probe_fn,
+                                 experts=want_experts)
+            if self.engine.zero_optimization_stage() == 3:
+                self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
+            self.last_probe = result
+            if "heads" in self.cfg.modules and self.units.heads:
+                lam["heads"] = result.head_lambda_max()
+            if result.expert_grams is not None:
+                lam["experts"] = result.expert_lambda_max()
+            metrics.update(result.metrics())
+        masks = {kind: policy.update(step, lam[kind]) for kind, policy in self.policies.items()}
+        masks["layers"] = self.policies["heads"].skipped_layers(step)
+        masks = broadcast_masks(masks, self.world)
+        for kind, policy in self.policies.items():
+            policy.frozen = masks[kind]
+        self._apply(masks["layers"])
+        seconds = time.perf_counter() - t0  # MAT's overhead: probe + policy + applying it
+        self.refresh_seconds_total += seconds
+        metrics["mat/refresh_seconds"] = seconds
+        metrics["mat/frozen_heads"] = int(self.policies["heads"].frozen.sum())
+        if self.units.experts:
+            metrics["mat/frozen_experts"] = int(self.policies["experts"].frozen.sum())
+        for kind, key in (("heads", "mat/lambda_max/"), ("experts", "mat/expert_lambda_max/")):
+            if lam[kind] is not None:
+                metrics.update({key + u.name: float(v) for u, v in zip(self.units.of_kind(kind), lam[kind].tolist())})
+        if lam["heads"] is not None:
+            metrics["mat/lambda_max_mean"] = float(lam["heads"].mean())
+        self._pending.update(metrics)
+        return metrics
+
+    def _apply(self, skipped: torch.Tensor) -> None:
+        """Freeze what the policies froze, plus everything in layers RaPTr skips this step; set the layer path."""
+        self.skipped = skipped.clone()
+        self.freezer.apply(torch.cat([self.frozen_mask("heads"), self.frozen_mask("experts"),
+                                      skipped if self.layer_path is not None else torch.zeros(0, dtype=torch.bool)]))
+        if self.layer_path is not None:
+            self.layer_path.set_active((~skipped).tolist())
+
+    # -- state the user (and the trainer) reads ---------------------------------------------------------------------
+    def frozen_mask(self, kind: str) -> torch.Tensor:
+        """Units of ``kind`` that do not train this step: frozen by the policy, or in a layer RaPTr skips."""
+        units = self.units.of_kind(kind)
+        mask = self.policies[kind].frozen.clone()
+        if self.layer_path is not None and units:
+            mask |= self.skipped[torch.tensor([u.layer for u in units])]
+        return mask
+
+    def frozen_units(self) -> list[Unit]:
+        return [u for kind in ("heads", "experts") for u, f in zip(self.units.of_kind(kind), self.frozen_mask(kind))
+                if f]
+
+    def metrics(self) -> dict[str, float]:
+        """This step's ``mat/`` metrics: state of the frozen sets, plus λmax and refresh costs if it was a refresh
+        step (those are returned once)."""
+        heads = self.frozen_mask("heads")
+        out = dict(self._pending)
+        self._pending = {}
+        out.update({"mat/active_fraction": 1.0 - float(heads.float().mean()) if heads.numel() else 1.0,
+                    "mat/frozen_params": self.freezer.frozen_numel(),
+                    "mat/refresh_seconds_total": self.refresh_seconds_total})
+        if self.layer_path is not None:
+            out["mat/skipped_layers"] = int(self.skipped.sum())
+        if self.units.experts:
+            experts = self.frozen_mask("experts")
+            out.update({"mat/active_experts": int((~experts).sum()),
+                        "mat/active_expert_fraction": float((~experts).float().mean())})
+        return out
+
+    def _write_monitor(self) -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not getattr(monitor, "enabled", False) or self.rank != 0:
+            return
+        samples = int(self.engine.global_samples)
+        monitor.write_events([(k, float(v), samples) for k, v in self.metrics_peek().items()])
+
+    def metrics_peek(self) -> dict[str, float]:
+        """``metrics()`` without consuming the refresh metrics."""
+        pending = dict(self._pending)
+        out = self.metrics()
+        self._pending = pending
+        return out
+
+    # -- "frozen means frozen": a check any script can run ----------------------------------------------------------
+    @staticmethod
+    def _local(p: torch.nn.Parameter) -> torch.Tensor:
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p.data  # ZeRO-3: this rank's shard
+
+    def snapshot_frozen(self) -> dict:
+        """Copies of this rank's part of every frozen unit's parameters (take it right after ``engine.step()``)."""
+        return {(u.kind, u.layer, u.index): [self._local(p).detach().clone() for p in u.params]
+                for u in self.frozen_units()}
+
+    def frozen_change(self, snapshot: dict) -> float:
+        """Max |ΔW| since ``snapshot`` over units still frozen, max over all ranks (a collective: call on all)."""
+        now = {(u.kind, u.layer, u.index): u.params for u in self.frozen_units()}
+        worst = torch.zeros((), dtype=torch.float64)
+        for key, before in snapshot.items():
+            for b, p in zip(before, now.get(key, [])):
+                worst = torch.maximum(worst, (self._local(p).detach() - b).abs().max().double().cpu())
+        if self.world > 1:
+            worst = worst.to(comm_device())
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return float(worst)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"policies": {k: p.state_dict() for k, p in self.policies.items()},
+                "skipped": self.skipped.tolist(), "refresh_seconds_total": self.refresh_seconds_total,
+                "probe": self.probe.state_dict() if self.probe is not None else None, "step_seen": self._step_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        for kind, policy in self.policies.items():
+            policy.load_state_dict(state["policies"][kind])
+        if self.probe is not None and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
+        self.refresh_seconds_total = float(state.get("refresh_seconds_total", 0.0))
+        self._step_seen = int(state.get("step_seen", -1))
+        self._apply(torch.tensor(state["skipped"], dtype=torch.bool))
+
+    def _wrap_checkpointing(self) -> None:
+        """Route MAT's state through DeepSpeed's checkpoint client state. Wrapping the two bound methods of this
+        engine instance (not subclassing) keeps ``engine`` the object DeepSpeed (or accelerate) built."""
+        engine = self.engine
+        save, load = engine.save_checkpoint, engine.load_checkpoint
+
+        def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True,
+                            exclude_frozen_parameters=False):
+            if exclude_frozen_parameters:
+                raise ConfigError("exclude_frozen_parameters=True would drop the weights of units MAT froze for now "
+                                  "(they train again later): save with exclude_frozen_parameters=False")
+            client_state = dict(client_state or {})
+            client_state[CLIENT_KEY] = self.state_dict()
+            return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+
+        def load_checkpoint(load_dir, tag=None, **kwargs):
+            path, client = load(load_dir, tag=tag, **kwargs)
+            state = (client or {}).pop(CLIENT_KEY, None) if path is not None else None
+            if path is not None and self.world > 1:
+                box = [state]  # ZeRO-3 writes client state per rank; rank 0's copy is authoritative for everyone
+                dist.broadcast_object_list(box, src=0)
+                state = box[0]
+            if state is not None:
+                self.load_state_dict(state)
+            return path, client
+
+        engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def broadcast_masks(masks: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """Rank 0's boolean masks, on every rank (ranks disagreeing would abort gloo or hang NCCL in the reduction)."""
+    if world <= 1:
+        return {k: v.bool() for k, v in masks.items()}
+    keys = sorted(masks)
+    sizes = [masks[k].numel() for k in keys]
+    packed = torch.cat([masks[k].flatten().to(torch.uint8) for k in keys]).to(comm_device())
+    dist.broadcast(packed, src=0)
+    return {k: part.bool().cpu() for k, part in zip(keys, packed.split(sizes))}
+
+
+def comm_device() -> torch.device:
+    """Where a small tensor must live for a collective: the accelerator under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        from deepspeed.accelerator import get_accelerator
+        return torch.device(get_accelerator().current_device_name())
+    return torch.device("cpu")
+
+
+def _rng_devices() -> list:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
+def _forward_of(module: torch.nn.Module) -> Callable:
+    return module.forward

@@ -1,0 +1,280 @@
+"""Modular neural tangent kernels (mNTK) of attention units and MoE experts, and their principal eigenvalues λmax.
+
+For unit l, Θ^l = J_l J_lᵀ (n × n) where row i of J_l is the gradient of the scalar output f_i of probe sample i w.r.t.
+unit l's parameters. We never build J_l from parameters:
+
+1. one forward of the probe batch with every ``HeadwiseLinear`` recording its input X and output Y (and every MoE
+   expert linear its slots, ``experts.record_routes``);
+2. one ``torch.autograd.grad(Σ_i f_i, [Y...])``. Samples are independent in eval mode (no dropout, no cross-sample
+   ops), so the rows of dΣf/dY belonging to sample i are exactly df_i/dY_i. Gradients are taken w.r.t. activations
+   only: no parameter ``.grad`` is touched and no ZeRO reduce hook fires;
+3. per-sample per-unit weight gradients G_i = dY_iᵀ X_i restricted to the unit's channels (``shard_unit_gram``), and
+   Θ^l_ij = <G_i^l, G_j^l> summed over the unit's parameters in all head-wise linears of its layer (bias entries
+   included: the per-sample bias gradient is Σ_t dY_it);
+4. the work is split across the ranks of ``group`` and ONE all-reduce (sum) of the [units, n, n] float32 tensor
+   completes it: O(units·n²) numbers per refresh, never a gather of parameters or Jacobians. Two splits:
+
+   * ``"layer"`` (ZeRO 0/1/2, where every rank holds every weight): rank r handles layers l ≡ r mod world;
+   * ``"shard"`` (ZeRO-3): Θ^l_ij = Σ_e G_i[e] G_j[e] is a sum over parameter elements e, so it splits over any
+     disjoint cover of the elements. The cover used is ZeRO-3's own: DeepSpeed partitions each FLATTENED parameter
+     into world equal chunks of ``ps = ceil(numel / world)`` (the last one padded), and rank r owns flat elements
+     [r·ps, min((r+1)·ps, numel)). Each rank computes only the rows of dY_iᵀ X_i its chunk touches. Bias terms
+     (tiny) are computed whole by rank l mod world.
+   ``"auto"`` (default) picks "shard" when the head-wise parameters are ZeRO-3 partitioned, else "layer".
+
+   The activations themselves are not split: every rank runs the probe's forward and activation backward on the
+   whole (identical) probe batch; under ZeRO-3 that forward/backward all-gathers parameters exactly like a training
+   forward does. ``probe_units`` reports both costs separately (``UnitProbe``).
+
+The scalar output f_i is the caller's ``probe_fn(model, batch) -> [n]`` (``mat_ds/core/probe.py`` has the defaults).
+Experts: Θ^e = S K Sᵀ, S the slot -> sample indicator of expert e's capacity buffer, K the slot kernel
+(``experts.expert_partial_grams``); same probe pass and same single all-reduce as the attention units.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .experts import expert_partial_grams, record_routes
+from .headwise import HeadwiseLinear
+from .units import ModelUnits
+
+SPLITS = ("auto", "layer", "shard")
+ProbeFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+@contextlib.contextmanager
+def record_activations(layers: list[HeadwiseLinear]) -> Iterator[list]:
+    """Make every head-wise linear append (module, X, Y) to the yielded list while the context is open."""
+    records: list = []
+    for m in layers:
+        m.recorder = records
+    try:
+        yield records
+    finally:
+        for m in layers:
+            m.recorder = None
+
+
+def is_zero3_partitioned(p: torch.nn.Parameter) -> bool:
+    """True for a parameter that ZeRO-3 has partitioned (it carries its local chunk in ``ds_tensor``)."""
+    return getattr(p, "ds_tensor", None) is not None
+
+
+def zero3_owned_range(p: torch.nn.Parameter) -> tuple[int, int, int]:
+    """(lo, hi, world): the flat elements [lo, hi) of ``p`` held in this rank's ZeRO-3 chunk, and the partition size.
+
+    Mirrors ``deepspeed.runtime.zero.partition_parameters.Init._partition_param`` (0.19.8): the flattened parameter
+    is padded to a multiple of the partition world and cut into equal chunks of ``ds_tensor.ds_numel`` elements;
+    rank r of ``p.ds_process_group`` holds [r·ps, (r+1)·ps), of which only the part below ``ds_numel`` is real
+    (a rank may own nothing at all when numel < world). tests/scripts/zero3_gram_check.py checks this against
+    ``deepspeed.zero.GatheredParameters``.
+    """
+    ps = int(getattr(p.ds_tensor, "ds_numel", p.ds_tensor.numel()))
+    pg = getattr(p, "ds_process_group", None)
+    rank = getattr(p, "ds_zero_partition_rank", None)
+    world = getattr(p, "ds_zero_partition_world_size", None)
+    if rank is None or world is None:  # older/newer DeepSpeed without the cached values
+        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
+    numel = int(p.ds_numel)
+    lo = min(int(rank) * ps, numel)
+    return lo, min(lo + ps, numel), int(world)
+
+
+def unit_param_shape(module: HeadwiseLinear) -> tuple[int, int]:
+    """(rows, cols) of ONE unit's weight parameter of a head-wise linear."""
+    k = module.unit_layout().shape[1]
+    return (k, module.d_in) if module.split == "out" else (module.d_out, k)
+
+
+def shard_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear, lo: int, hi: int) -> torch.Tensor:
+    """Partial Gram Σ_{e in [lo, hi)} G_i^u[e] G_j^u[e] of every unit u over one flat element range of its weight
+    parameter: [U, n, n]. ``x`` [n, T, d_in], ``dy`` [n, T, d_out] are the layer's input and output gradient.
+
+    [lo, hi) indexes the row-major flattening of ONE unit's weight (``w{u}``) and is the same for every unit, because
+    all units of a layer have the same shape and hence the same ZeRO-3 chunking. [0, rows·cols) gives the full Gram.
+    Only the parameter rows the range touches are computed (at most two of them partial), so a rank owning 1/world of
+    the elements does ~1/world of the GEMM work.
+    """
+    n, U = x.shape[0], module.n_units
+    rows, cols = unit_param_shape(module)
+    if not 0 <= lo <= hi <= rows * cols:
+        raise ValueError(f"range [{lo}, {hi}) outside a unit parameter of {rows}x{cols} elements")
+    if hi == lo:  # this rank owns nothing of the parameter (numel < world, or the padded tail)
+        return torch.zeros(U, n, n, dtype=x.dtype, device=x.device)
+    lay = module.unit_layout().to(x.device)
+    r0, r1 = lo // cols, (hi - 1) // cols + 1  # parameter rows [r0, r1) hold the range
+    if module.split == "out":
+        # Row r of unit u is output channel lay[u, r]: pick those channels of dY for every unit, X stays whole.
+        idx = lay[:, r0:r1].flatten()
+        g = torch.einsum("nto,nti->noi", dy.index_select(-1, idx), x)  # [n, U·nr, d_in], unit-major
+        g = g.reshape(n, U, (r1 - r0) * cols)
+    else:
+        # Row r of every unit is output channel r; unit u owns input channels lay[u].
+        xu = x.index_select(-1, lay.flatten())
+        g = torch.einsum("nto,nti->noi", dy[..., r0:r1], xu)  # [n, nr, U·k]
+        g = g.reshape(n, r1 - r0, U, cols).transpose(1, 2).reshape(n, U, (r1 - r0) * cols)
+    g = g[:, :, lo - r0 * cols:hi - r0 * cols]  # drop the parts of the partial first/last rows outside the range
+    return torch.einsum("nup,mup->unm", g, g)
+
+
+def unit_bias_gram(dy: torch.Tensor, module: HeadwiseLinear) -> torch.Tensor:
+    """Θ contribution of the per-unit biases (split "out"): per-sample bias gradient Σ_t dY_it[lay[u]]. [U, n, n]."""
+    lay = module.unit_layout().to(dy.device)
+    gb = dy.sum(1).index_select(-1, lay.flatten()).reshape(dy.shape[0], module.n_units, -1)  # [n, U, k]
+    return torch.einsum("nuk,muk->unm", gb, gb)
+
+
+def resolve_split(units: ModelUnits, split: str = "auto") -> str:
+    """``"auto"`` -> ``"shard"`` if the head-wise parameters are ZeRO-3 partitioned, else ``"layer"``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split != "auto":
+        return split
+    params = [p for u in units.heads for p in u.params]
+    return "shard" if any(is_zero3_partitioned(p) for p in params) else "layer"
+
+
+def _owned_range(module: HeadwiseLinear, layer: int, split: str, rank: int, world: int) -> tuple[int, int]:
+    """The flat range [lo, hi) of each unit weight of ``module`` whose Gram terms this rank computes."""
+    rows, cols = unit_param_shape(module)
+    params = module.weight_params()
+    if split == "shard" and is_zero3_partitioned(params[0]):
+        ranges = {zero3_owned_range(p) for p in params}
+        if len(ranges) != 1:  # cannot happen for equal-shaped units in one group; never sum a wrong cover
+            raise RuntimeError(f"units of one layer are chunked differently by ZeRO-3: {sorted(ranges)}")
+        lo, hi, part_world = ranges.pop()
+        if part_world != world:
+            # e.g. MiCS/hpZ-style sub-group partitioning: summing over `group` would count elements several times.
+            raise ValueError(f"ZeRO-3 partitions head-wise parameters over {part_world} ranks but the Gram is reduced "
+                             f"over {world}; pass the partition group as `group`, or use split='layer'")
+        return lo, hi
+    # split="layer", or a head-wise layer that is not partitioned: the whole layer goes to one rank.
+    return (0, rows * cols) if layer % world == rank else (0, 0)
+
+
+def comm_snapshot() -> Optional[dict[str, int]]:
+    """DeepSpeed comms-logger bytes per op, or None when the logger is off (so "not measured" never reads as 0)."""
+    from deepspeed.comm import comm as ds_comm
+
+    logger = getattr(ds_comm, "comms_logger", None)
+    if logger is None or not logger.enabled:
+        return None
+    from .freezing import comm_bytes_snapshot
+    return comm_bytes_snapshot()
+
+
+@dataclass
+class UnitProbe:
+    """One mNTK refresh: the Grams and what it cost in communication and per-sample-gradient work on this rank."""
+
+    head_grams: torch.Tensor  # [n_attention_units, n, n] float64 (float32 accuracy), identical on every rank
+    expert_grams: Optional[torch.Tensor]  # [n_experts_total, n, n], None unless asked for
+    split: str  # "layer" or "shard", as resolved from "auto"
+    # Message bytes of the ONE Gram all-reduce (units·n²·4, fp32); 0 on a single rank. It goes through
+    # torch.distributed directly, so it is NOT included in the comms logger's numbers (gradient-traffic metrics stay
+    # gradient traffic).
+    gram_allreduce_bytes: int
+    # DeepSpeed traffic (comms logger, bytes per op on this rank) caused by the probe's forward + activation backward
+    # (ZeRO-3's parameter all-gathers). None when the comms logger is off (not measured).
+    probe_comm_bytes: Optional[dict[str, int]]
+    grad_numel: int  # per-sample weight-gradient entries (n·params) this rank computed
+    grad_numel_unsplit: int  # ... and what one rank computing all units would compute
+
+    def head_lambda_max(self) -> torch.Tensor:
+        return lambda_max(self.head_grams)
+
+    def expert_lambda_max(self) -> torch.Tensor:
+        if self.expert_grams is None:
+            raise ValueError("this probe did not measure experts (probe_units(..., experts=True))")
+        return lambda_max(self.expert_grams)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"mat/refresh_comm_bytes": self.gram_allreduce_bytes}
+        if self.probe_comm_bytes is not None:
+            out["mat/probe_comm_bytes"] = sum(self.probe_comm_bytes.values())
+        return out
+
+
+def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: ProbeFn, group=None,
+                split: str = "auto", experts: bool = False) -> UnitProbe:
+    """Θ for every attention unit (and, with ``experts``, every MoE expert) plus the refresh's communication and work,
+    from ONE probe forward and ONE activation backward (see the module docstring).
+
+    Every rank of ``group`` must call this with the same probe batch (one collective per call, in the same order).
+    Experts are reduced over all ranks, so ``experts=True`` needs the default (world) group. ``batch`` must hold an
+    ``input_ids`` tensor [n, T] (n samples; T = the positions the MoE layers see per sample).
+    """
+    if experts and group is not None:
+        raise ValueError("experts=True reduces over the world group; do not pass a sub-group")
+    n, T = batch["input_ids"].shape[:2]
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    world = dist.get_world_size(group) if distributed else 1
+    split = resolve_split(units, split)
+    layers = [m for mods in units.attention_layers.values() for m in mods]
+    moe = units.moe_layers if experts else []
+
+    was_training = model.training
+    model.eval()
+    comm_before = comm_snapshot()
+    try:
+        with torch.enable_grad(), record_activations(layers) as records, record_routes(moe) as routes:
+            f = probe_fn(model, batch)
+            if f.shape != (n,):
+                raise ValueError(f"probe_fn must return one scalar per probe sample, shape [{n}], got {tuple(f.shape)}")
+            outputs = [y for (_, _, y) in records]
+            expert_outputs = [y for rec in routes for recs in rec["linears"].values() for (_, y, _) in recs]
+            grads = torch.autograd.grad(f.float().sum(), outputs + expert_outputs, allow_unused=True)
+            egrams = expert_partial_grams(moe, routes, grads[len(outputs):], (n, T)) if moe else None
+            grads = grads[:len(outputs)]
+    finally:
+        model.train(was_training)
+    comm_after = comm_snapshot()
+    probe_comm = None
+    if comm_before is not None and comm_after is not None:
+        probe_comm = {op: b - comm_before.get(op, 0) for op, b in comm_after.items() if b - comm_before.get(op, 0)}
+
+    # Row offset of each layer's units in the flat unit order (layers sorted by tag, as in units.heads).
+    offset, start = {}, 0
+    for layer in sorted(units.attention_layers):
+        offset[layer] = start
+        start += units.attention_layers[layer][0].n_units
+    device = batch["input_ids"].device
+    grams = torch.zeros(start, n, n, dtype=torch.float32, device=device)
+    done = total = 0
+    for (module, x, _), dy in zip(records, grads):
+        layer, U = int(module.layer), module.n_units
+        rows, cols = unit_param_shape(module)
+        total += n * U * rows * cols
+        if dy is None:  # this output does not reach f (cannot happen for a connected model): Θ contribution 0
+            continue
+        x, dy = x.float(), dy.float()
+        lo, hi = _owned_range(module, layer, split, rank, world)
+        sl = slice(offset[layer], offset[layer] + U)
+        if hi > lo:
+            grams[sl] += shard_unit_gram(x, dy, module, lo, hi)
+            done += n * U * (hi - lo)
+        if module.has_unit_bias and layer % world == rank:
+            grams[sl] += unit_bias_gram(dy, module)
+    sent = 0
+    if world > 1:  # ONE all-reduce for attention units and experts
+        flat = torch.cat([grams.flatten()] + ([egrams.flatten().to(device)] if egrams is not None else []))
+        dist.all_reduce(flat, group=group)
+        sent = flat.numel() * flat.element_size()
+        grams = flat[:grams.numel()].view_as(grams)
+        if egrams is not None:
+            egrams = flat[grams.numel():].view_as(egrams)
+    return UnitProbe(grams.double(), None if egrams is None else egrams.double(), split, sent, probe_comm, done,
+                     total)
+
+
+def lambda_max(grams: torch.Tensor) -> torch.Tensor:
+    """Principal eigenvalue of each symmetric PSD Gram; [..., n, n] -> [...] (float64)."""
+    sym = 0.5 * (grams + grams.transpose(-1, -2))  # exact symmetry for eigvalsh
+    return torch.linalg.eigvalsh(sym.double().cpu())[..., -1]
