@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 train: setup
 	PATH=$(abspath $(BIN)):$$PATH WANDB_MODE=$${WANDB_MODE:-offline} \
-	  deepspeed --num_gpus $(NUM_RANKS) launch/pretrain.py --deepspeed_config $(CONFIG) --out_dir runs/default $(ARGS)
+	  deepspeed --num_gpus $(NUM_RANKS) --module mat_ds.pretrain --deepspeed_config $(CONFIG) --out_dir runs/default $(ARGS)
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest

@@ -31,8 +31,11 @@ ARCHS = ("bert", "gpt")
 
 @dataclass
 class ModelConfig:
-    """A pre-LN transformer whose attention heads are separate parameters (see ``mat_ds/headwise.py``)."""
+    """The model: mat_ds's own pre-LN transformer (head-wise by construction), or a Hugging Face model on disk."""
 
+    model: str = _help("'own' (mat_ds's transformer, shaped by the flags below) or 'hf:PATH' (a local HF model "
+                       "directory or config.json: random init from the config, its weights when present; the "
+                       "shape flags below are then ignored).", default="own")
     arch: str = _help("'bert' (bidirectional, masked LM) or 'gpt' (causal LM).", default="bert")
     n_layer: int = _help("Transformer blocks.", default=4)
     n_head: int = _help("Attention heads per block: the modules MAT selects.", default=4)
@@ -53,6 +56,9 @@ class ModelConfig:
     moe_aux_loss_coef: float = _help("Weight of the load-balancing loss l_aux (Switch: 0.01).", default=0.01)
 
     def __post_init__(self) -> None:
+        _check(self.model == "own" or (isinstance(self.model, str) and self.model.startswith("hf:")
+                                       and len(self.model) > 3),
+               f"model={self.model!r} must be 'own' or 'hf:PATH'")
         _check_choice("arch", self.arch, ARCHS)
         for name in ("n_layer", "n_head", "d_model", "moe_layer_interval", "moe_ep_size"):
             _check_int(name, getattr(self, name), 1)

@@ -32,6 +32,7 @@ from .core.freezing import GRADIENT_OPS, MOE_DISPATCH_OP, comm_bytes_snapshot
 from .data import DataBundle, global_positions, iter_eval_batches, make_batch, prepare_data
 from .distributed import init_distributed
 from .models.flops import FlopsModel
+from .models.hf import flops_config, load_hf_model, targets_of
 from .models.switch import switch_layers
 from .models.transformer import Transformer
 from .tracking import Tracker
@@ -75,6 +76,13 @@ def probe_batch(data: DataBundle, mat: MATConfig, objective: str, mlm_probabilit
                       mlm_probability=mlm_probability, seed=mat.seed + 7, shuffle=False)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's rule for any model: matrices (incl. embeddings) decay; biases and norm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}]
+
+
 def deepspeed_config(ds_config: dict, train_steps: int, comm_stats: bool) -> dict:
     """The JSON as DeepSpeed gets it: ``"total_num_steps": "auto"`` = ``--train_steps``; the comms logger on with
     ``--comm_stats``; the project's own ``"model"`` block removed (it is read by ``config.from_cli``)."""
@@ -100,11 +108,16 @@ class Trainer:
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.objective = "mlm" if model_cfg.arch == "bert" else "clm"
-
         self.data = prepare_data(data_cfg, is_main=self.is_main, barrier=dist.barrier)
         torch.manual_seed(run_cfg.seed)  # identical initial weights on every rank
-        self.model = Transformer(model_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len)
+        self.hf = model_cfg.model.startswith("hf:")
+        if self.hf:  # a Hugging Face model from disk; mat_ds.initialize converts its attention
+            self.model, self.objective = load_hf_model(model_cfg.model, self.data.tokenizer.vocab_size, data_cfg.seq_len)
+            flops_cfg = flops_config(self.model)
+        else:
+            self.objective = "mlm" if model_cfg.arch == "bert" else "clm"
+            self.model = Transformer(model_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len)
+            flops_cfg = model_cfg
         ds = deepspeed_config(ds_config, run_cfg.train_steps, run_cfg.comm_stats)
         if model_cfg.moe_num_experts and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
             raise ConfigError("moe_num_experts > 0 uses DeepSpeed's native MoE layer, which DeepSpeed does not support "
@@ -114,8 +127,8 @@ class Trainer:
         probe = probe_batch(self.data, self.mat_cfg, self.objective, data_cfg.mlm_probability) \
             if self.mat_cfg.needs_probe else None
         try:
-            self.engine, _, _, _ = initialize(model=self.model, model_parameters=self.model.param_groups(weight_decay),
-                                              config=ds, probe_batch=probe)
+            groups = param_groups(self.model, weight_decay) if self.hf else self.model.param_groups(weight_decay)
+            self.engine, _, _, _ = initialize(model=self.model, model_parameters=groups, config=ds, probe_batch=probe)
         except (ValueError, KeyError, TypeError, AssertionError) as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -128,7 +141,7 @@ class Trainer:
         self.tokens_per_step = self.micro * self.accum * self.world * data_cfg.seq_len
         self.switch = switch_layers(self.model)
         self.n_experts = len(self.switch) * model_cfg.moe_num_experts
-        self.flops = FlopsModel.for_run(model_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len,
+        self.flops = FlopsModel.for_run(flops_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len,
                                          data_cfg.mlm_probability)
         self.verify_frozen = verify_frozen and self.mat is not None
         self.progress = Progress()
@@ -144,21 +157,31 @@ class Trainer:
                                self.config_dict, enabled=self.is_main,
                                resume_step=self.progress.step if state is not None else None)
 
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch through the engine (an HF model gets keyword arguments and returns .loss)."""
+        if not self.hf:
+            return self.engine(batch["input_ids"], batch["labels"])
+        mask = (batch["input_ids"] != self.data.tokenizer.pad_id).long()
+        return self.engine(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+
     # -- evaluation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, blocks: torch.Tensor, max_batches: int) -> float:
         """Token-weighted mean loss over deterministic batches (``data.iter_eval_batches``: same count on every rank)."""
         total = torch.zeros(2, dtype=torch.float64)
-        path = self.model.active_layers
-        self.model.active_layers = [True] * self.model_cfg.n_layer  # always evaluate the whole model
+        path = getattr(self.model, "active_layers", None)
+        if path is not None:
+            self.model.active_layers = [True] * self.model_cfg.n_layer  # always evaluate the whole model
         self.engine.eval()
         for batch in iter_eval_batches(blocks, self.micro, self.rank, self.world, max_batches, self.objective,
                                        self.data.tokenizer, self.data_cfg.mlm_probability, self.run_cfg.seed + 99):
-            loss = self.engine(batch["input_ids"], batch["labels"])
-            n_tok = int((self.model.token_targets(batch["labels"]) != -100).sum())
+            loss = self.forward(batch)
+            targets = targets_of(batch["labels"], self.objective) if self.hf else self.model.token_targets(batch["labels"])
+            n_tok = int((targets != -100).sum())
             total += torch.tensor([float(loss) * n_tok, n_tok], dtype=torch.float64)
         self.engine.train()
-        self.model.active_layers = path
+        if path is not None:
+            self.model.active_layers = path
         if self.world > 1:
             dist.all_reduce(total)
         return float(total[0] / total[1].clamp_min(1))
@@ -183,12 +206,13 @@ class Trainer:
                 batch = make_batch(self.data.train, positions, objective=self.objective, tokenizer=self.data.tokenizer,
                                    mlm_probability=self.data_cfg.mlm_probability, seed=run.seed)
                 _seed_step(run.seed, step, micro_step * self.world + self.rank)
-                loss = self.engine(batch["input_ids"], batch["labels"])  # MAT refreshes inside, on refresh steps
+                loss = self.forward(batch)  # MAT refreshes inside the engine, on refresh steps
                 if watch is None and self.verify_frozen:
                     watch = self.mat.snapshot_frozen()  # after this step's decision, before its update
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += self.model.last_lm_loss.double()  # the LM loss; the MoE balancing term is logged apart
+                # the LM loss; the MoE balancing term is logged apart
+                loss_sum += (loss.detach() if self.hf else self.model.last_lm_loss).double()
                 if self.n_experts:
                     aux_sum += float(self.model.aux_loss())
                     tokens_routed += torch.cat([layer.exp_counts.double().flatten() for layer in self.switch])
@@ -265,13 +289,15 @@ class Trainer:
 
     def _account_flops(self, metrics: dict, tokens_routed: torch.Tensor) -> None:
         """Analytic FLOPs of the step just taken (frozen heads skip dW, skipped layers cost nothing) + the probe."""
-        p, H = self.progress, self.model_cfg.n_head
+        p = self.progress
         n_skipped = int(self.mat.skipped.sum()) if self.mat and self.mat.layer_path is not None else 0
+        H = self.mat.units.heads_per_layer if self.mat else 0  # units per layer (a KV group counts as one)
         frozen_heads = frozen_experts = 0
         frozen_expert_tokens = 0
         if self.mat:
             # frozen_mask("heads") counts skipped layers' heads too; their saving is in n_skipped already.
             frozen_heads = int(self.mat.frozen_mask("heads").sum()) - n_skipped * H
+            frozen_heads *= self.flops.cfg.n_head // max(H, 1)  # in heads (a KV group holds several query heads)
             if self.n_experts:
                 frozen = self.mat.frozen_mask("experts")
                 frozen_experts = int(frozen.sum())
@@ -286,7 +312,7 @@ class Trainer:
         every = self.mat_cfg.log_heatmap_interval
         if not (self.mat and every and step % every == 0 and "mat/lambda_max_mean" in metrics):
             return
-        L, H = self.model_cfg.n_layer, self.model_cfg.n_head
+        L, H = len(self.mat.units.attention_layers), self.mat.units.heads_per_layer
         lam = torch.tensor([metrics[f"mat/lambda_max/{u.name}"] for u in self.mat.units.heads]).view(L, H)
         self.tracker.log_heads(step, lam, self.mat.frozen_mask("heads").view(L, H))
 

@@ -2,8 +2,8 @@
 
 Probe set (``ProbeSet``). Either the user passes one batch (``mat_ds.initialize(..., probe_batch=batch)``, a dict of
 tensors with n rows, the same on every rank), or — no extra plumbing — the engine keeps the first
-``mat.probe_samples`` samples it is trained on: at every training forward until the set is full, each rank's
-micro-batch is gathered to all ranks (rank order) and appended. So λmax at step 0 needs
+``mat.probe_samples`` samples it is trained on: at the first training forward of each optimizer step until the set
+is full, each rank's micro-batch is gathered to all ranks (rank order) and appended. So λmax at step 0 needs
 ``probe_samples <= world_size × micro_batch``; otherwise the first measurement is at the first refresh step after the
 set is full (and nothing is frozen before it). Micro-batches of different lengths are right-padded (``labels`` with
 -100, everything else with 0, which HF reads as "masked" for ``attention_mask``). The set travels in checkpoints, so a
