@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = load_deepspeed_config(args.deepspeed_config)
         model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
         MATConfig.from_dict(ds_config.get("mat"))  # validate before any process group or data work
+        if model_cfg.model.startswith("hf:"):
+            from .models.hf import hf_directory
+
+            hf_directory(model_cfg.model)
         from .train import Trainer
 
         Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen).train()
