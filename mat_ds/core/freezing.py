@@ -28,6 +28,8 @@ copies fp32 -> model weights, frozen weights stay bit-identical. Details that sh
 * Optimizer state is created lazily at the first step; a frozen region that had no state before a step gets 0 after it.
 * Locations: stage 1/2 ``p._hp_mapping.get_hp_fragment_address()`` = (start, numel) in
   ``single_partition_of_fp32_groups[i]`` (``p`` in ``bit16_groups[i]``; no mapping on a rank holding no part of ``p``);
+  bf16 with ZeRO-1 runs DeepSpeed's ``BF16_Optimizer``, the same scheme under other names (``bf16_groups``,
+  ``fp32_groups_flat_partition``);
   stage 3 ``grad_position[get_param_id(p)] = [sub_group, offset, numel]`` in ``fp32_partitioned_groups_flat[sub_group]``
   (every rank holds a, possibly padded, shard of every parameter); stage 0: the optimizer holds the parameters themselves,
   the whole parameter is the region (torch AdamW already skips a parameter whose ``grad`` is None; the guard makes that
@@ -103,7 +105,7 @@ class FreezeController:
         self._hooks = []
         self._check_supported()
         if self.stage in (1, 2):
-            self._group_of = {id(p): i for i, g in enumerate(self.zero.bit16_groups) for p in g}
+            self._group_of = {id(p): i for i, g in enumerate(self._bit16_groups()) for p in g}
         if guard:
             self._hooks = [self.inner.register_step_pre_hook(self._pre_step),
                            self.inner.register_step_post_hook(self._post_step)]
@@ -146,6 +148,10 @@ class FreezeController:
         self._hooks = []
 
     # -- where a parameter lives in the optimizer -------------------------------------------------------------------
+    def _bit16_groups(self) -> list:
+        groups = getattr(self.zero, "bit16_groups", None)
+        return groups if groups is not None else self.zero.bf16_groups  # BF16_Optimizer (bf16 + ZeRO-1)
+
     def _check_supported(self) -> None:
         z = self.zero
         if self.stage == 3:
@@ -184,7 +190,8 @@ class FreezeController:
         if kind == "zero3":
             return self.zero.fp32_partitioned_groups_flat[index]
         if kind == "zero12":
-            return self.zero.single_partition_of_fp32_groups[index]
+            flats = getattr(self.zero, "single_partition_of_fp32_groups", None)
+            return (flats if flats is not None else self.zero.fp32_groups_flat_partition)[index]
         return self._param_by_id[index]
 
     # -- the guard --------------------------------------------------------------------------------------------------
