@@ -10,6 +10,11 @@ tested per family). Each family module exports ``matches(model)``, ``convert(mod
 * ``hf_gpt2``: GPT-2 ``Conv1D`` ``c_attn`` (blocked [Q|K|V]) + ``c_proj``.
 * ``hf_llama``: LLaMA/Mistral-style ``q/k/v/o_proj`` with grouped KV heads (unit = KV group).
 
+Converted IN ADDITION to the (first matching) attention family above:
+
+* ``hf_moe``: HF fused MoE experts (Mixtral, Qwen2/3-MoE, OLMoE, ...: ``gate_up_proj`` [E, 2F, d]) -> one module per
+  expert (unit = expert). ``Conversion.family`` stays the attention family (``hf_moe`` if none matched).
+
 Any other model: ``make_headwise`` converts named ``nn.Linear`` projections of one layer yourself (README, "Your own
 model"); ``deepspeed.moe`` experts need no conversion.
 """
@@ -26,6 +31,7 @@ from ..core.headwise import HeadwiseLinear, headwise_layers
 from ..core.probe import hf_probe_fn
 
 FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama")
+ADDITIONAL = ("hf_moe",)  # converted whatever attention family matched (MoE experts)
 
 
 def _family(name: str):
@@ -70,7 +76,9 @@ def convert_model(model: nn.Module) -> Conversion:
     """Convert ``model`` in place (idempotent). See the module docstring."""
     before = {name: p for name, p in model.named_parameters()}
     family = None
-    for name in FAMILIES:
+    for name in FAMILIES + ADDITIONAL:
+        if family is not None and name in FAMILIES:
+            continue  # one attention family only; the ADDITIONAL ones are converted on top of it
         try:
             module = _family(name)
         except ImportError as exc:  # a family whose library is missing (e.g. transformers) cannot match anyway
@@ -79,14 +87,14 @@ def convert_model(model: nn.Module) -> Conversion:
             raise
         if module.matches(model):
             module.convert(model)
-            family = name
-            break
+            family = family or name
     after = dict(model.named_parameters())
     return Conversion(family, _replacements(before, after))
 
 
 def _replacements(before: dict, after: dict) -> dict:
-    """Old ``prefix.weight`` -> new ``prefix.w{u}``; old ``prefix.bias`` -> ``prefix.b{u}`` or ``prefix.bias``."""
+    """Old ``prefix.weight`` -> new ``prefix.w{u}``; old ``prefix.bias`` -> ``prefix.b{u}`` or ``prefix.bias``;
+    old ``prefix.leaf`` -> ``prefix.{e}.leaf`` (per-expert pieces of a fused expert parameter, ``hf_moe``)."""
     gone = {name: p for name, p in before.items() if name not in after or after[name] is not p}
     out = {}
     for name, p in gone.items():
@@ -95,6 +103,9 @@ def _replacements(before: dict, after: dict) -> dict:
         new = [q for n, q in after.items() if n.rpartition(".")[0] == prefix
                and (n.rpartition(".")[2] == leaf or (n.rpartition(".")[2][:1] == stem
                                                      and n.rpartition(".")[2][1:].isdigit()))]
+        if not new:
+            new = [q for n, q in after.items() if n.startswith(prefix + ".") and n.rpartition(".")[2] == leaf
+                   and n[len(prefix) + 1:].rpartition(".")[0].isdigit()]
         if new:
             out[id(p)] = new
     return out

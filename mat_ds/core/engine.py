@@ -82,6 +82,22 @@ def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=Non
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     training_data=training_data, lr_scheduler=lr_scheduler, config=config,
                                     **deepspeed_kwargs)
+    conversion = prepare_model(model, ds_config, mat)
+    if model_parameters is not None:
+        model_parameters = conversion.remap(model_parameters)
+    if probe_fn is None and mat.needs_probe:
+        probe_fn = conversion.probe_fn(model, mat)
+    engine, opt, loader, sched = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                                      model_parameters=model_parameters,
+                                                      training_data=training_data, lr_scheduler=lr_scheduler,
+                                                      config=ds_config, **deepspeed_kwargs)
+    attach(engine, model, mat, conversion, probe_fn, probe_batch)
+    return engine, opt, loader, sched
+
+
+def prepare_model(model: torch.nn.Module, ds_config: Optional[dict], mat: MATConfig):
+    """Steps 1-2 of ``initialize``, BEFORE the engine exists: convert ``model`` in place, check it has MAT units and
+    that ``ds_config`` can run MAT. Returns the adapters' ``Conversion``. Shared with ``mat_ds.hf_trainer``."""
     from ..adapters import convert_model
 
     conversion = convert_model(model)
@@ -93,18 +109,19 @@ def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=Non
             f"with mat_ds.make_headwise(model, layer=..., out_proj=[...], in_proj=[...], n_units=...) before "
             f"mat_ds.initialize (README: 'Your own model')")
     check_supported(ds_config, mat, units)
-    if model_parameters is not None:
-        model_parameters = conversion.remap(model_parameters)
+    return conversion
+
+
+def attach(engine, model: torch.nn.Module, mat: MATConfig, conversion, probe_fn: Optional[Callable] = None,
+           probe_batch: Optional[dict] = None) -> "MATController":
+    """Step 4 of ``initialize``, right AFTER ``deepspeed.initialize`` built ``engine`` around the converted ``model``
+    (``prepare_model``): attach the ``MATController`` as ``engine.mat`` and return it. Shared with
+    ``mat_ds.hf_trainer``."""
     if probe_fn is None and mat.needs_probe:
         probe_fn = conversion.probe_fn(model, mat)
-    engine, opt, loader, sched = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
-                                                      model_parameters=model_parameters,
-                                                      training_data=training_data, lr_scheduler=lr_scheduler,
-                                                      config=ds_config, **deepspeed_kwargs)
     # ep_rank is known only now that DeepSpeed created the expert groups: list the experts' local params again.
-    units = find_units(model)
-    engine.mat = MATController(engine, mat, units, probe_fn, probe_batch, conversion.layer_path(model))
-    return engine, opt, loader, sched
+    engine.mat = MATController(engine, mat, find_units(model), probe_fn, probe_batch, conversion.layer_path(model))
+    return engine.mat
 
 
 def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits) -> None:
@@ -112,9 +129,13 @@ def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits
     cfg = ds_config or {}
     zero = cfg.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
-    if units.experts and stage == 3:
+    if units.moe_layers and stage == 3:
         raise ConfigError("the model has deepspeed.moe experts, which DeepSpeed does not support under ZeRO stage 3: "
                           "use zero_optimization.stage 2 (or 0/1) for MoE models")
+    if units.experts and stage == 3:
+        raise ConfigError("MAT on Hugging Face fused-expert MoE models is verified on ZeRO stages 0-2 only (not yet "
+                          "under ZeRO-3): use zero_optimization.stage 2, or mat.modules=[\"heads\"] is not enough "
+                          "either since the experts are converted: train this model with stage <= 2")
     half = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
     if half and stage == 0 and mat.freezes:
         raise ConfigError("MAT freezing under bf16/fp16 needs ZeRO stage 1, 2 or 3 (its optimizer guard works on "

@@ -62,6 +62,10 @@ class MoELayer:
         if self.ep_size == 1:
             return 0
         from deepspeed.utils import groups
+        if self.moe.expert_group_name not in groups._get_expert_parallel_group_dict():
+            # Before deepspeed.initialize creates the groups (mat_ds.initialize lists units once before it): DeepSpeed's
+            # default E+D topology, ranks [k·ep, (k+1)·ep) form one group. Listed again from the real groups after.
+            return (dist.get_rank() if dist.is_initialized() else 0) % self.ep_size
         return int(groups._get_expert_parallel_rank(self.moe.expert_group_name))
 
     @property

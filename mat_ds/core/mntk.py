@@ -28,7 +28,9 @@ unit l's parameters. We never build J_l from parameters:
 
 The scalar output f_i is the caller's ``probe_fn(model, batch) -> [n]`` (``mat_ds/core/probe.py`` has the defaults).
 Experts: Θ^e = S K Sᵀ, S the slot -> sample indicator of expert e's capacity buffer, K the slot kernel
-(``experts.expert_partial_grams``); same probe pass and same single all-reduce as the attention units.
+(``experts.expert_partial_grams``); same probe pass and same single all-reduce as the attention units. Per-expert
+modules (``fused_experts.py`` protocol, e.g. converted HF Mixtral with top-k routing): Θ^e = S K Sᵀ over the tokens
+routed to e (``fused_experts.fused_partial_grams``), after the deepspeed.moe experts in the same tensor.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .experts import expert_partial_grams, record_routes
+from .fused_experts import fused_outputs, fused_partial_grams, record_fused
 from .headwise import HeadwiseLinear
 from .units import ModelUnits
 
@@ -219,20 +222,30 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     split = resolve_split(units, split)
     layers = [m for mods in units.attention_layers.values() for m in mods]
     moe = units.moe_layers if experts else []
+    fused = list(getattr(units, "fused_expert_layers", [])) if experts else []  # per-expert modules (fused_experts.py)
 
     was_training = model.training
     model.eval()
     comm_before = comm_snapshot()
     try:
-        with torch.enable_grad(), record_activations(layers) as records, record_routes(moe) as routes:
+        # Probe-mode routing (no token dropping) in EVERY MoE layer, also when only heads are measured: f_i must not
+        # depend on the other probe samples, nor on whether experts are measured too (mat.modules).
+        with torch.enable_grad(), record_activations(layers) as records, \
+                record_routes(units.moe_layers) as routes, record_fused(fused) as frecs:
             f = probe_fn(model, batch)
             if f.shape != (n,):
                 raise ValueError(f"probe_fn must return one scalar per probe sample, shape [{n}], got {tuple(f.shape)}")
             outputs = [y for (_, _, y) in records]
-            expert_outputs = [y for rec in routes for recs in rec["linears"].values() for (_, y, _) in recs]
-            grads = torch.autograd.grad(f.float().sum(), outputs + expert_outputs, allow_unused=True)
-            egrams = expert_partial_grams(moe, routes, grads[len(outputs):], (n, T)) if moe else None
-            grads = grads[:len(outputs)]
+            expert_outputs = [y for rec in routes for recs in rec["linears"].values() for (_, y, _) in recs] \
+                if moe else []
+            k0, k1 = len(outputs), len(outputs) + len(expert_outputs)
+            grads = torch.autograd.grad(f.float().sum(), outputs + expert_outputs + fused_outputs(frecs),
+                                        allow_unused=True)
+            egrams = expert_partial_grams(moe, routes, grads[k0:k1], (n, T)) if moe else None
+            if fused:  # experts of protocol modules (e.g. converted HF Mixtral) follow deepspeed.moe's in unit order
+                fgrams = fused_partial_grams(fused, frecs, grads[k1:], (n, T), batch["input_ids"].device)
+                egrams = fgrams if egrams is None else torch.cat([egrams.to(fgrams.device), fgrams])
+            grads = grads[:k0]
     finally:
         model.train(was_training)
     comm_after = comm_snapshot()

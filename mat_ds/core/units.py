@@ -7,11 +7,14 @@ A model is MAT-ready when it contains
   columns of the output projection. The adapters (``mat_ds/adapters/``) convert known families in place; for any
   other model, build attention with ``HeadwiseLinear`` or convert its projections with ``mat_ds.make_headwise``;
 * and/or ``deepspeed.moe.layer.MoE`` layers: expert e of the layer in transformer layer l is unit "L{l}E{e}" (kind
-  ``experts``), see ``mat_ds/core/experts.py``.
+  ``experts``), see ``mat_ds/core/experts.py``;
+* and/or per-expert experts modules (``mat_ds/core/fused_experts.py`` protocol: ``mat_expert_params()``, ``layer``,
+  ``mat_recorder``; ``mat_ds/adapters/hf_moe.py`` converts HF fused experts, e.g. Mixtral): expert e is "L{l}E{e}" too.
 
 Unit order (the index every policy mask, Gram tensor and checkpoint uses): attention units by (layer, u), then
-experts by (MoE layer in module order, global expert id). A unit's ``params`` are what THIS rank holds: an expert
-that another expert-parallel rank holds has ``params == []``.
+experts by (MoE layer in module order, global expert id): deepspeed.moe layers first, then protocol experts
+modules. A unit's ``params`` are what THIS rank holds: an expert that another expert-parallel rank holds has
+``params == []``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from .config import ConfigError
 from .experts import MoELayer, find_moe_layers
+from .fused_experts import find_fused_expert_layers
 from .headwise import HeadwiseLinear, headwise_layers
 
 KINDS = ("heads", "experts")
@@ -46,6 +50,7 @@ class ModelUnits:
     experts: list[Unit]
     attention_layers: dict[int, list[HeadwiseLinear]]  # layer tag -> its head-wise linears
     moe_layers: list[MoELayer]
+    fused_expert_layers: list = field(default_factory=list)  # protocol experts modules (fused_experts.py)
 
     def of_kind(self, kind: str) -> list[Unit]:
         return self.heads if kind == "heads" else self.experts
@@ -77,4 +82,7 @@ def find_units(model: nn.Module) -> ModelUnits:
     moe = find_moe_layers(model)
     experts = [Unit("experts", layer.layer, e, params)
                for layer in moe for e, params in enumerate(layer.expert_params())]
-    return ModelUnits(heads, experts, by_layer, moe)
+    fused = find_fused_expert_layers(model)
+    experts += [Unit("experts", int(m.layer), e, list(params))
+                for m in fused for e, params in enumerate(m.mat_expert_params())]
+    return ModelUnits(heads, experts, by_layer, moe, fused)
