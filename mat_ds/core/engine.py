@@ -133,9 +133,8 @@ def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits
         raise ConfigError("the model has deepspeed.moe experts, which DeepSpeed does not support under ZeRO stage 3: "
                           "use zero_optimization.stage 2 (or 0/1) for MoE models")
     if units.experts and stage == 3:
-        raise ConfigError("MAT on Hugging Face fused-expert MoE models is verified on ZeRO stages 0-2 only (not yet "
-                          "under ZeRO-3): use zero_optimization.stage 2, or mat.modules=[\"heads\"] is not enough "
-                          "either since the experts are converted: train this model with stage <= 2")
+        raise ConfigError("MAT on Hugging Face fused-expert MoE models is verified on ZeRO stages 0-2 only, not "
+                          "under ZeRO-3: use zero_optimization.stage 2 for this model")
     half = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
     if half and stage == 0 and mat.freezes:
         raise ConfigError("MAT freezing under bf16/fp16 needs ZeRO stage 1, 2 or 3 (its optimizer guard works on "
