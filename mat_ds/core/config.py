@@ -76,6 +76,11 @@ class MATConfig:
     probe_output: str = _help("Scalar per-sample output f_i for the mNTK: 'loss' (mean cross-entropy over the "
                               "sample's targets), 'logit_projection' (<r_t, logits_t>, fixed random unit r_t) or "
                               "'logit_sum' (sum of the target positions' logits).", default="loss")
+    probe_gram: str = _help("How a layer's per-unit Gram is formed: 'materialized' (per-sample gradients, "
+                            "n·d_in·d_out numbers), 'ghost' (activation Grams, 2·(n·T)² numbers) or 'auto' (per layer, "
+                            "the cheaper in FLOPs within probe_memory_mb).", default="auto")
+    probe_memory_mb: int = _help("Memory bound for one layer's Gram work in a refresh (MiB); a probe that cannot fit "
+                                 "is a one-line error at start-up.", default=2048)
     reactivate: bool = _help("Recompute the frozen set at every refresh (frozen heads can come back).", default=True)
     rand_active_fraction: Optional[float] = _help(
         "Policy 'rand' only: fraction of heads trained after warm-up, chosen uniformly at random at each refresh.",
@@ -98,6 +103,8 @@ class MATConfig:
     def __post_init__(self) -> None:
         _check_choice("mat.policy", self.policy, POLICIES)
         _check_choice("mat.probe_output", self.probe_output, PROBE_OUTPUTS)
+        _check_choice("mat.probe_gram", self.probe_gram, ("auto", "materialized", "ghost"))
+        _check_int("mat.probe_memory_mb", self.probe_memory_mb, 1)
         _check_unit("mat.alpha", self.alpha)
         _check_unit("mat.beta", self.beta)
         _check_int("mat.warmup_steps", self.warmup_steps, 0)

@@ -173,6 +173,8 @@ class MATController:
             self.policies[kind] = make_policy(cfg, n, self.n_layers) if selects else Policy(cfg, n, self.n_layers)
         self.skipped = torch.zeros(self.n_layers, dtype=torch.bool)
         self.probe = ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module)) if cfg.needs_probe else None
+        if self.probe is not None and self.probe.ready:
+            self._check_probe_fits()
         self.refresh_seconds_total = 0.0
         self.last_probe = None  # the last UnitProbe (Grams, comm bytes), for inspection
         self._step_seen = -1
@@ -190,6 +192,8 @@ class MATController:
         self._step_seen = step
         if self.probe is not None and not self.probe.ready:
             self.probe.observe(args, kwargs)
+            if self.probe.ready:
+                self._check_probe_fits()
         if self.is_refresh_step(step):
             # The probe must not move the training RNG stream (DeepSpeed's RTS gates draw random numbers even in
             # eval mode): a run's dropout masks and routing are then the same whether or not it refreshes here.
@@ -197,6 +201,19 @@ class MATController:
                 self.refresh(step)
         self._write_monitor()
         return None
+
+    def _check_probe_fits(self) -> None:
+        """Every head-wise layer's Gram must fit ``mat.probe_memory_mb`` in the chosen form (``ghost.choose``): said
+        once, when the probe set is known, instead of an out-of-memory error in the middle of a run."""
+        from .ghost import choose
+
+        n, T = self.probe.batch["input_ids"].shape[:2]
+        for mods in self.units.attention_layers.values():
+            for m in mods:
+                try:
+                    choose(m, n, T, self.cfg.probe_gram, self.cfg.probe_memory_mb << 20)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
 
     def is_refresh_step(self, step: int) -> bool:
         if self.probe is not None and not self.probe.ready:
@@ -213,7 +230,8 @@ class MATController:
             device = next(self.engine.module.parameters()).device
             want_experts = "experts" in self.cfg.modules and bool(self.units.experts)
             result = probe_units(self.engine.module, self.units, self.probe.on(device), self.probe_fn,
-                                 experts=want_experts)
+                                 experts=want_experts, gram=self.cfg.probe_gram,
+                                 memory_limit_bytes=self.cfg.probe_memory_mb << 20)
             if self.engine.zero_optimization_stage() == 3:
                 self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
             self.last_probe = result

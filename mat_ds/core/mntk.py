@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import ghost
 from .experts import expert_partial_grams, record_routes
 from .fused_experts import fused_outputs, fused_partial_grams, record_fused
 from .headwise import HeadwiseLinear
@@ -205,13 +206,19 @@ class UnitProbe:
 
 
 def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: ProbeFn, group=None,
-                split: str = "auto", experts: bool = False) -> UnitProbe:
+                split: str = "auto", experts: bool = False, gram: str = "auto",
+                memory_limit_bytes: int = 2 << 30) -> UnitProbe:
     """Θ for every attention unit (and, with ``experts``, every MoE expert) plus the refresh's communication and work,
     from ONE probe forward and ONE activation backward (see the module docstring).
 
     Every rank of ``group`` must call this with the same probe batch (one collective per call, in the same order).
     Experts are reduced over all ranks, so ``experts=True`` needs the default (world) group. ``batch`` must hold an
     ``input_ids`` tensor [n, T] (n samples; T = the positions the MoE layers see per sample).
+
+    ``gram`` picks how each head-wise layer's Gram is formed: ``"materialized"`` (per-sample gradients),
+    ``"ghost"`` (activation Grams, ``ghost.py``) or ``"auto"`` (per layer by ``ghost.choose``'s cost model within
+    ``memory_limit_bytes``). A ghost layer is computed whole by rank ``layer mod world`` (also under ZeRO-3: it needs
+    activations only).
     """
     if experts and group is not None:
         raise ValueError("experts=True reduces over the world group; do not pass a sub-group")
@@ -268,8 +275,14 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
         if dy is None:  # this output does not reach f (cannot happen for a connected model): Θ contribution 0
             continue
         x, dy = x.float(), dy.float()
-        lo, hi = _owned_range(module, layer, split, rank, world)
         sl = slice(offset[layer], offset[layer] + U)
+        if ghost.choose(module, n, x.shape[1], gram, memory_limit_bytes) == "ghost":
+            if layer % world == rank:
+                grams[sl] += ghost.ghost_unit_gram(x, dy, module)
+            if module.has_unit_bias and layer % world == rank:
+                grams[sl] += unit_bias_gram(dy, module)
+            continue
+        lo, hi = _owned_range(module, layer, split, rank, world)
         if hi > lo:
             grams[sl] += shard_unit_gram(x, dy, module, lo, hi)
             done += n * U * (hi - lo)
