@@ -1,5 +1,5 @@
 """MAT through Hugging Face ``transformers.Trainer`` (``mat_ds.hf_trainer.MATTrainer``), run as users run it:
-``deepspeed --num_gpus 2 examples/hf_trainer_bert.py ...`` (ZeRO-2, examples/ds_config_hf_trainer.json: warm-up 10,
+``deepspeed --num_gpus 2 examples/hf_trainer_lm.py ...`` (ZeRO-2, examples/ds_config_hf_trainer.json: warm-up 10,
 refresh every 5, alpha 0.3, 16 probe samples = micro batch 8 x 2 ranks at step 0).
 
 One 20-step run with gradient_accumulation_steps=2, a checkpoint at step 10 and W&B offline is shared by the tests of
@@ -17,7 +17,7 @@ import pytest
 from mat_ds.core.config import ConfigError
 from tests.launcher import REPO, run_deepspeed, tagged_json
 
-EXAMPLE = REPO / "examples" / "hf_trainer_bert.py"
+EXAMPLE = REPO / "examples" / "hf_trainer_lm.py"
 DS_CONFIG = REPO / "examples" / "ds_config_hf_trainer.json"
 STEPS, SAVE, GA, TIMEOUT = 20, 10, 2, 420
 WARMUP, REFRESH, UNITS = 10, 5, 2 * 4  # the JSON's "mat" block; the example's BERT has 2 layers x 4 heads
@@ -215,3 +215,23 @@ def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
     (s_full,), (s_res,) = tagged_json(stdout, "MAT_SUMMARY"), tagged_json(res.stdout, "MAT_SUMMARY")
     assert s_res["frozen"] == s_full["frozen"]
     assert [r["engine_step"] for r in s_res["refreshes"]] == [10, 15]
+
+
+@pytest.mark.slow
+def test_mixtral_experts_through_trainer(tmp_path):
+    """A tiny Mixtral (fused experts converted per expert, top-2 routing) through MATTrainer on 2 ranks, ZeRO-2: head
+    (KV group) and expert λmax in the log history, units frozen after warm-up with drift exactly 0, loss falls."""
+    out = tmp_path / "mixtral"
+    run_deepspeed(EXAMPLE, ["--model", "mixtral", *example_args(out, tmp_path / "cache"), "--report_to", "none"],
+                  num_gpus=2, timeout=TIMEOUT)
+    entries = train_entries(out)
+    steps = sorted(entries)
+    lam_e = [s for s in steps if any(k.startswith("mat/expert_lambda_max/") for k in entries[s])]
+    lam_h = [s for s in steps if any(k.startswith("mat/lambda_max/") for k in entries[s])]
+    assert lam_e and lam_e == lam_h
+    assert len([k for k in entries[lam_e[0]] if k.startswith("mat/expert_lambda_max/")]) == 2 * 4  # layers x experts
+    assert min(entries[s]["mat/active_fraction"] for s in steps) < 1.0 or \
+        min(entries[s]["mat/active_expert_fraction"] for s in steps) < 1.0
+    checked = [entries[s] for s in steps if entries[s].get("mat/frozen_units_checked", 0) > 0]
+    assert checked and all(e["mat/frozen_max_abs_change"] == 0.0 for e in checked)
+    assert entries[steps[-1]]["loss"] < entries[steps[0]]["loss"]

@@ -1,8 +1,10 @@
-"""Masked-LM training of a Hugging Face BERT with MAT through `transformers.Trainer` + DeepSpeed ZeRO-2.
+"""A Hugging Face model trained with MAT through `transformers.Trainer` + DeepSpeed ZeRO-2: BERT masked LM (heads) or
+Mixtral causal LM (KV-group units + top-2 routed experts, fused experts converted to per-expert parameters).
 
-    deepspeed --num_gpus 2 examples/hf_trainer_bert.py --output_dir runs/hf_trainer_bert --max_steps 100
-    deepspeed --num_gpus 2 examples/hf_trainer_bert.py --output_dir runs/hf_trainer_bert --max_steps 100 \\
+    deepspeed --num_gpus 2 examples/hf_trainer_lm.py --output_dir runs/hf_trainer_bert --max_steps 100
+    deepspeed --num_gpus 2 examples/hf_trainer_lm.py --output_dir runs/hf_trainer_bert --max_steps 100 \\
         --resume_from_checkpoint runs/hf_trainer_bert/checkpoint-10
+    deepspeed --num_gpus 2 examples/hf_trainer_lm.py --model mixtral --output_dir runs/hf_trainer_mixtral
 
 A plain Trainer script; the one MAT line is `MATTrainer(...)` instead of `Trainer(...)` (mat_ds/hf_trainer.py), with a
 "mat" block in the DeepSpeed JSON (examples/ds_config_hf_trainer.json: HF "auto" values, ZeRO-2). MAT metrics
@@ -19,7 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from transformers import BertConfig, BertForMaskedLM, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (BertConfig, BertForMaskedLM, MixtralConfig, MixtralForCausalLM, TrainerCallback,
+                          TrainingArguments, default_data_collator)
 
 import mat_ds
 from mat_ds.config import DataConfig
@@ -27,6 +30,7 @@ from mat_ds.data import make_batch, prepare_data
 from mat_ds.hf_trainer import MATTrainer
 
 parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="bert", choices=["bert", "mixtral"])
 parser.add_argument("--output_dir", default="runs/hf_trainer_bert")
 parser.add_argument("--deepspeed", default=os.path.join(os.path.dirname(__file__), "ds_config_hf_trainer.json"))
 parser.add_argument("--max_steps", type=int, default=100)
@@ -47,21 +51,29 @@ rank = dist.get_rank()
 os.environ.setdefault("WANDB_DIR", cli.output_dir)  # W&B run files next to the checkpoints
 os.makedirs(cli.output_dir, exist_ok=True)
 
-# Data: mat_ds's embedded corpus as packed 64-token blocks, masked once (mask of block i seeded by (seed, i)).
+# Data: mat_ds's embedded corpus as packed 64-token blocks; MLM masked once (mask of block i seeded by (seed, i)),
+# causal LM labels = input_ids (HF shifts inside the loss).
 data = prepare_data(DataConfig(seq_len=64, vocab_size=1024, cache_dir=cli.cache_dir), is_main=rank == 0,
                     barrier=dist.barrier)
 tok = data.tokenizer
-mlm = make_batch(data.train, torch.arange(len(data.train)), objective="mlm", tokenizer=tok, mlm_probability=0.15,
-                 seed=cli.seed, shuffle=False)
-train_dataset = Dataset.from_dict({"input_ids": mlm["input_ids"].tolist(), "labels": mlm["labels"].tolist(),
-                                   "attention_mask": torch.ones_like(mlm["input_ids"]).tolist()})
+blocks = make_batch(data.train, torch.arange(len(data.train)), objective="mlm" if cli.model == "bert" else "clm",
+                    tokenizer=tok, mlm_probability=0.15, seed=cli.seed, shuffle=False)
+train_dataset = Dataset.from_dict({"input_ids": blocks["input_ids"].tolist(), "labels": blocks["labels"].tolist(),
+                                   "attention_mask": torch.ones_like(blocks["input_ids"]).tolist()})
 
-# Model: a tiny random-init BERT (dropout 0), built BEFORE TrainingArguments (under ZeRO-3 HF would partition it).
+# Model: tiny, random-init, dropout 0, built BEFORE TrainingArguments (under ZeRO-3 HF would partition it).
 torch.manual_seed(cli.seed)
-model = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_id,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-model.accepts_loss_kwargs = False  # BERT's MLM loss is a batch mean: the Trainer must average it over accumulation
+if cli.model == "bert":
+    model = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                       pad_token_id=tok.pad_id, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0))
+else:
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                             num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                             pad_token_id=tok.pad_id, bos_token_id=None, eos_token_id=None))
+model.accepts_loss_kwargs = False  # the LM loss is a batch mean: the Trainer must average it over accumulation
 
 args = TrainingArguments(
     output_dir=cli.output_dir, deepspeed=cli.deepspeed, max_steps=cli.max_steps,
