@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .config import ConfigError, DataConfig, MATConfig, ModelConfig, RunConfig, as_dict
-from .core.engine import initialize
+from .core.engine import comm_device, initialize
 from .core.freezing import GRADIENT_OPS, MOE_DISPATCH_OP, comm_bytes_snapshot
 from .data import DataBundle, global_positions, iter_eval_batches, make_batch, prepare_data
 from .distributed import init_distributed
@@ -60,8 +60,9 @@ def _seed_step(seed: int, step: int, micro_index: int) -> None:
 def _allreduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
     # torch.distributed directly (not deepspeed.comm) so the comms logger counts gradient traffic only.
     if world > 1:
+        value = value.to(comm_device())  # NCCL reduces accelerator tensors only
         dist.all_reduce(value)
-        value = value / world
+        value = value.cpu() / world
     return value
 
 
@@ -159,6 +160,7 @@ class Trainer:
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The loss of one micro-batch through the engine (an HF model gets keyword arguments and returns .loss)."""
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}  # batches are built on the CPU
         if not self.hf:
             return self.engine(batch["input_ids"], batch["labels"])
         mask = (batch["input_ids"] != self.data.tokenizer.pad_id).long()
@@ -183,7 +185,9 @@ class Trainer:
         if path is not None:
             self.model.active_layers = path
         if self.world > 1:
+            total = total.to(comm_device())
             dist.all_reduce(total)
+            total = total.cpu()
         return float(total[0] / total[1].clamp_min(1))
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -212,10 +216,10 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 # the LM loss; the MoE balancing term is logged apart
-                loss_sum += (loss.detach() if self.hf else self.model.last_lm_loss).double()
+                loss_sum += (loss.detach() if self.hf else self.model.last_lm_loss).double().cpu()
                 if self.n_experts:
                     aux_sum += float(self.model.aux_loss())
-                    tokens_routed += torch.cat([layer.exp_counts.double().flatten() for layer in self.switch])
+                    tokens_routed += torch.cat([layer.exp_counts.double().cpu().flatten() for layer in self.switch])
             train_loss = float(_allreduce_mean(loss_sum / self.accum, self.world))
             metrics = self.mat.metrics() if self.mat else {}
             if self.n_experts:  # one small all-reduce: [aux, tokens per expert]

@@ -203,7 +203,7 @@ def expert_partial_grams(layers: list[MoELayer], routes: list[dict], grads, shap
                 if (j * E + e) % dist.get_world_size(edp) != dist.get_rank(edp):
                     continue  # another holder of this expert computes it
             slots = slot_samples(rec, e, T)
-            S = torch.zeros(n, slots.numel(), dtype=torch.float32)
+            S = torch.zeros(n, slots.numel(), dtype=torch.float32, device=kern.device)
             used = slots >= 0
             S[slots[used], used.nonzero().flatten()] = 1.0
             grams[j * E + e] = S @ kern @ S.t()
