@@ -28,6 +28,16 @@ def test_bad_mat_block(block, match):
     assert "\n" not in str(exc.value)
 
 
+def test_mat_block_types_are_the_core_ones_everywhere():
+    """``MATConfig``/``ConfigError`` live in ``mat_ds.core.config``; ``mat_ds.config`` and ``mat_ds`` re-export them, so
+    an ``except ConfigError`` written against any of the three catches what the core raises."""
+    import mat_ds
+    from mat_ds.core import config as core
+
+    assert MATConfig is core.MATConfig is mat_ds.MATConfig
+    assert ConfigError is core.ConfigError is mat_ds.ConfigError
+
+
 def test_good_mat_block_and_defaults():
     cfg = MATConfig.from_dict({"alpha": 0.2, "beta": 0.0, "policy": "rand", "rand_active_fraction": 1})
     assert cfg.freezes and not cfg.needs_probe

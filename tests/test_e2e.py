@@ -69,6 +69,13 @@ def test_mat_zero2_two_ranks_acceptance(tmp_path):
     assert all(a == 1.0 for a in active[:20]) and min(active[20:]) < 1.0
     changes = [r["mat/frozen_max_abs_change"] for r in rows if r["mat/active_fraction"] < 1.0]
     assert changes and all(c == 0.0 for c in changes)
+    # MAT's own overhead is accounted: the cumulative refresh time grows at refresh steps only.
+    totals = [r["mat/refresh_seconds_total"] for r in rows]
+    assert totals == sorted(totals) and totals[0] > 0
+    grew = [r["trainer/step"] - 1 for prev, r in zip([{"mat/refresh_seconds_total": 0.0}] + rows, rows)
+            if r["mat/refresh_seconds_total"] > prev["mat/refresh_seconds_total"]]
+    assert grew == sorted(lam) and all("mat/refresh_seconds" in rows[s] for s in grew)
+    assert not any("mat/skipped_layers" in r for r in rows)  # layer skipping is RaPTr's metric only
     assert list((tmp_path / "mat" / "wandb").glob("offline-run-*")), "W&B offline run missing"
     assert "error" not in proc.stdout.lower().replace("error_", "")
 
@@ -119,6 +126,7 @@ def test_baselines_run_under_a_flops_budget(tmp_path, policy):
                                                                           for r in rows[10:])
         assert per_step[0] < per_step[-1]  # 2 of 3 layers cost less than 3 of 3
     else:
+        assert not any("mat/skipped_layers" in r for r in rows)
         active = [r["mat/active_fraction"] for r in rows]
         assert active[:3] == [1.0] * 3 and 0.5 in active and active[3] == 1.0  # step 3 % 3 == 0: everyone trains
         assert per_step[4] < per_step[3]
@@ -225,6 +233,8 @@ def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, varian
     assert worst <= 1e-6
     assert rows[40]["val/loss"] == pytest.approx(reference[40]["val/loss"], abs=1e-6)
     assert rows[40]["mat/active_fraction"] == reference[40]["mat/active_fraction"]
+    totals = [rows[s]["mat/refresh_seconds_total"] for s in range(1, 41)]
+    assert totals == sorted(totals)  # MAT's refresh-time total rides the checkpoint (not reset by the resume)
     if variant == "switch_ep2":
         assert [rows[s]["mat/active_experts"] for s in range(1, 41)] == \
             [reference[s]["mat/active_experts"] for s in range(1, 41)]

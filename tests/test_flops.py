@@ -2,8 +2,9 @@
 import torch
 
 from mat_ds.config import ModelConfig
-from mat_ds.flops import FlopsModel
-from mat_ds.model import Transformer
+from mat_ds.core.units import find_units
+from mat_ds.models.flops import FlopsModel
+from mat_ds.models.transformer import Transformer
 
 
 def test_frozen_heads_save_their_weight_gradient_flops():
@@ -19,8 +20,8 @@ def test_matches_torch_profiler_matmul_flops():
     model = Transformer(cfg, vocab_size=100, max_seq_len=16)
     ids = torch.randint(0, 100, (2, 16))
     frozen = [0, 3, 5]
-    for i, params in enumerate(model.head_modules()):
-        for p in params:
+    for i, unit in enumerate(find_units(model).heads):  # what MAT freezes: head i = unit i (layer-major)
+        for p in unit.params:
             p.requires_grad_(i not in frozen)
     with torch.profiler.profile(with_flops=True) as prof:
         model(ids, ids).backward()

@@ -1,4 +1,4 @@
-"""``mat_ds.freezing`` on real DeepSpeed engines (2 gloo ranks, ZeRO stages 0-3, one launch for all stages).
+"""``mat_ds.core.freezing`` on real DeepSpeed engines (2 gloo ranks, ZeRO stages 0-3, all in one launch).
 
 Per stage (see ``tests/scripts/freeze_check.py``): frozen heads stay bit-identical with their Adam state while the rest
 trains; re-activated heads train again and both ranks agree; freezing before the first step and across a checkpoint
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from mat_ds.freezing import comm_bytes_snapshot
+from mat_ds.core.freezing import comm_bytes_snapshot
 from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "freeze_check.py"

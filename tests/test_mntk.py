@@ -1,10 +1,15 @@
-"""mNTK λmax against ground truth: an explicit per-sample Jacobian on a tiny model."""
+"""mNTK λmax (``mat_ds.core.mntk.probe_units``) against ground truth: an explicit per-sample Jacobian on a tiny model
+(``tests/oracles.py``), with the own model's per-sample probe function (``mat_ds.adapters.own.probe_fn``)."""
 import pytest
 import torch
 
+from mat_ds.adapters.own import probe_fn as own_probe_fn
 from mat_ds.config import ModelConfig
-from mat_ds.mntk import explicit_head_grams, head_grams, head_lambda_max, lambda_max
-from mat_ds.model import Transformer
+from mat_ds.core.config import MATConfig
+from mat_ds.core.mntk import lambda_max, probe_units
+from mat_ds.core.units import find_units
+from mat_ds.models.transformer import Transformer
+from tests.oracles import explicit_head_grams
 
 
 def tiny(arch: str) -> Transformer:
@@ -29,13 +34,24 @@ def probe_batch(arch: str, n: int = 5):
     return {"input_ids": ids, "labels": labels}
 
 
+def head_grams(model, batch, probe_output: str = "loss", seed: int = 0) -> torch.Tensor:
+    """[units, n, n] Grams of every attention unit from ONE probe pass (what the engine's refresh computes)."""
+    fn = own_probe_fn(MATConfig(probe_output=probe_output, seed=seed))
+    return probe_units(model, find_units(model), batch, fn).head_grams
+
+
+def explicit(model, batch, probe_output: str = "loss", seed: int = 0) -> torch.Tensor:
+    fn = own_probe_fn(MATConfig(probe_output=probe_output, seed=seed))
+    return explicit_head_grams(model, find_units(model), batch, fn)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt"])
-@pytest.mark.parametrize("probe_output", ["loss", "logit_projection"])
+@pytest.mark.parametrize("probe_output", ["loss", "logit_projection", "logit_sum"])
 def test_gram_matches_explicit_jacobian(arch, probe_output):
     m, b = tiny(arch), probe_batch(arch)
     fast = head_grams(m, b, probe_output, seed=3)
-    ref = explicit_head_grams(m, b, probe_output, seed=3)
-    assert fast.shape == (2, 3, 5, 5)
+    ref = explicit(m, b, probe_output, seed=3)
+    assert fast.shape == (2 * 3, 5, 5)  # flat unit order: layer-major, head within layer
     rel = (fast - ref).norm() / ref.norm()
     assert rel < 1e-5, rel  # float32 Gram accumulation vs a float64 explicit Jacobian
     lam, lam_ref = lambda_max(fast), lambda_max(ref)
@@ -46,8 +62,10 @@ def test_gram_matches_explicit_jacobian(arch, probe_output):
 
 def test_float32_model_within_1e4_of_float64_ground_truth():
     m, b = tiny("bert"), probe_batch("bert", n=6)
-    ref = lambda_max(explicit_head_grams(m, b))
-    lam32 = head_lambda_max(m.float(), {k: v for k, v in b.items()})
+    ref = lambda_max(explicit(m, b))
+    m = m.float()
+    fn = own_probe_fn(MATConfig())
+    lam32 = probe_units(m, find_units(m), {k: v for k, v in b.items()}, fn).head_lambda_max()
     assert torch.all((lam32 - ref).abs() / ref < 1e-4), (lam32, ref)
 
 
@@ -64,4 +82,10 @@ def test_probe_is_independent_of_batch_companions():
     m, b = tiny("gpt"), probe_batch("gpt", n=4)
     full = head_grams(m, b)
     sub = head_grams(m, {k: v[1:3] for k, v in b.items()})
-    assert torch.allclose(full[:, :, 1:3, 1:3], sub, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(full[:, 1:3, 1:3], sub, rtol=1e-5, atol=1e-9)
+
+
+def test_probe_fn_must_return_one_scalar_per_sample():
+    m, b = tiny("bert"), probe_batch("bert")
+    with pytest.raises(ValueError, match="one scalar per probe sample"):
+        probe_units(m, find_units(m), b, lambda model, batch: model(batch["input_ids"], batch["labels"]))

@@ -1,8 +1,10 @@
-"""MAT on Switch-Transformer experts (``mat_ds/moe.py``, ``mntk.expert_grams``), on DeepSpeed's own MoE layer.
+"""MAT on Switch-Transformer experts (``mat_ds/models/switch.py``; generic ``deepspeed.moe`` expert code in
+``mat_ds/core/experts.py``; Grams from ``mntk.probe_units(..., experts=True)``), on DeepSpeed's own MoE layer.
 
 * 2 real ranks (``tests/scripts/moe_check.py``, one launch): per-expert Gram vs explicit Jacobian for ep_size 1 and 2,
   frozen experts bit-identical with their Adam state and no weight gradient, gradient bytes drop by exactly the frozen
-  experts' bytes on each rank, identical masks, ZeRO-3 + native MoE refused with a one-line message.
+  experts' bytes on each rank, identical masks, the model's expert-parallel rank agrees with DeepSpeed's groups,
+  ZeRO-3 + native MoE refused by ``mat_ds.initialize`` with a one-line message.
 * 2-rank training runs of ``launch/pretrain.py`` with ``configs/switch_mat_ep{1,2}.json``: loss falls, experts freeze,
   frozen experts (and heads) change by exactly 0, per-expert λmax / tokens routed / active experts are logged.
 * Config and FLOPs units.
@@ -13,8 +15,9 @@ import json
 
 import pytest
 
-from mat_ds.config import ConfigError, MATConfig, ModelConfig
-from mat_ds.flops import FlopsModel
+from mat_ds.config import ConfigError, ModelConfig
+from mat_ds.core.config import MATConfig
+from mat_ds.models.flops import FlopsModel
 from mat_ds.tracking import read_metrics
 from tests.launcher import REPO, run_deepspeed, tagged_json
 
@@ -41,6 +44,7 @@ def test_expert_lambda_matches_explicit_jacobian(checks, pair):
 
 def test_expert_lambda_and_losses_do_not_depend_on_ep_size(checks):
     """Expert e starts with the same weights whatever ep_size is, so λmax and the loss trajectory agree."""
+    assert all(checks[pair]["ep_rank_matches_deepspeed"] for pair in PAIRS)
     a, b = checks[(2, 1)], checks[(2, 2)]
     assert max(abs(x - y) / abs(y) for x, y in zip(a["lambda_init"], b["lambda_init"])) < 1e-5
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-5
@@ -97,7 +101,8 @@ def test_switch_mat_two_ranks_trains_and_freezes_experts(tmp_path, ep):
     assert active[:20] == [8] * 20 and min(active[20:]) < 8  # 4 layers, every 2nd is MoE: 2 x 4 experts
     assert all(r["mat/frozen_max_abs_change"] == 0.0 for r in rows)
     lam = [r for r in rows if "mat/expert_lambda_max/L1E0" in r]
-    assert len(lam) == 5 and all(r[f"mat/expert_lambda_max/L{l}E{e}"] > 0 for r in lam for l in (1, 3) for e in range(4))
+    assert len(lam) == 5
+    assert all(r[f"mat/expert_lambda_max/L{l}E{e}"] > 0 for r in lam for l in (1, 3) for e in range(4))
     tokens = [sum(r[f"moe/tokens/L1E{e}"] for e in range(4)) for r in rows]
     assert set(tokens) == {2 * 8 * 64}  # every token of the step (2 ranks x 8 sequences x 64) is routed once
     assert all(0 < r["train/aux_loss"] < 4 for r in rows)
@@ -109,7 +114,8 @@ def test_switch_mat_two_ranks_trains_and_freezes_experts(tmp_path, ep):
     for r in rows:
         frozen_heads = r.get("mat/frozen_heads", frozen_heads)
         if ep == 1:
-            expected = rows[0]["perf/grad_comm_bytes"] - 4 * (frozen_heads * head + (8 - r["mat/active_experts"]) * expert)
+            frozen_experts = 8 - r["mat/active_experts"]
+            expected = rows[0]["perf/grad_comm_bytes"] - 4 * (frozen_heads * head + frozen_experts * expert)
             assert r["perf/grad_comm_bytes"] == expected
         assert (r["perf/moe_dispatch_bytes"] > 0) == (ep == 2)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mat_ds.config import MATConfig
-from mat_ds.policy import MATPolicy, Policy, RandPolicy, make_policy
+from mat_ds.core.config import MATConfig
+from mat_ds.core.policy import MATPolicy, Policy, RandPolicy, make_policy
 
 
 def lam(*v):
@@ -82,7 +82,7 @@ def test_make_policy_and_refresh_schedule():
 
 
 def test_multirate_slow_heads_train_every_kth_step():
-    from mat_ds.policy import MultiratePolicy
+    from mat_ds.core.policy import MultiratePolicy
 
     cfg = MATConfig(policy="multirate", multirate_k=3, multirate_slow_fraction=0.5, warmup_steps=2, seed=1)
     p = MultiratePolicy(cfg, 8)
@@ -95,7 +95,7 @@ def test_multirate_slow_heads_train_every_kth_step():
 
 
 def test_raptr_paths_grow_keep_ends_and_vary():
-    from mat_ds.policy import RaPTrPolicy
+    from mat_ds.core.policy import RaPTrPolicy
 
     cfg = MATConfig(policy="raptr", raptr_schedule=[[0, 2], [10, 4], [20, 6]], seed=0)
     p = RaPTrPolicy(cfg, 6 * 4, n_layers=6)
@@ -107,7 +107,7 @@ def test_raptr_paths_grow_keep_ends_and_vary():
 
 
 def test_raptr_and_multirate_config_checks():
-    from mat_ds.config import ConfigError
+    from mat_ds.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="raptr_schedule"):
         MATConfig(policy="raptr")

@@ -1,7 +1,8 @@
 """The ZeRO-3 "shard-split" mNTK Gram: each rank sums Gram terms over the parameter chunk it owns, one n×n all-reduce.
 
-Single process: the shard arithmetic (``shard_head_gram`` over ZeRO-3-style chunks, padded last chunk, empty chunks,
-arbitrary covers) sums to the unsplit Gram, and ``zero3_owned_range`` reproduces DeepSpeed's chunking.
+Single process: the shard arithmetic (``mat_ds.core.mntk.shard_unit_gram`` over ZeRO-3-style chunks, padded last chunk,
+empty chunks, arbitrary covers) sums to the unsplit Gram, and ``zero3_owned_range`` reproduces DeepSpeed's chunking
+(custom unit layouts and per-unit biases: ``tests/test_headwise.py``).
 Two gloo ranks (``tests/scripts/zero3_gram_check.py``): λmax under ZeRO-3 with split="shard" equals ZeRO-0's
 split="layer" and an explicit-Jacobian ground truth, the Gram all-reduce is L·H·n²·4 bytes, and the probe's own
 DeepSpeed traffic (ZeRO-3 parameter all-gathers) is reported.
@@ -14,10 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mat_ds.adapters.own import probe_fn as own_probe_fn
 from mat_ds.config import ModelConfig
-from mat_ds.headwise import HeadwiseLinear, per_sample_head_grads
-from mat_ds.mntk import head_grams, probe_modules, resolve_split, shard_head_gram, zero3_owned_range
-from mat_ds.model import Transformer
+from mat_ds.core.config import MATConfig
+from mat_ds.core.headwise import HeadwiseLinear, per_sample_unit_grads
+from mat_ds.core.mntk import probe_units, resolve_split, shard_unit_gram, zero3_owned_range
+from mat_ds.core.units import find_units
+from mat_ds.models.transformer import Transformer
 from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "zero3_gram_check.py"
@@ -29,29 +33,29 @@ def zero3_chunks(numel: int, world: int) -> list[tuple[int, int]]:
     return [(min(r * ps, numel), min((r + 1) * ps, numel)) for r in range(world)]
 
 
-def activations(split: str, d_in: int, d_out: int, n: int = 4, T: int = 5, seed: int = 0):
+def activations(d_in: int, d_out: int, n: int = 4, T: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, T, d_in, generator=g, dtype=torch.float64), \
         torch.randn(n, T, d_out, generator=g, dtype=torch.float64)
 
 
-# (layout, d_in, d_out, n_heads): head parameters of 9x7=63 and 1x5=5 ("out"), 7x3=21 and 5x1=5 ("in") elements. All
+# (split, d_in, d_out, n_units): unit parameters of 9x7=63 and 1x5=5 ("out"), 7x3=21 and 5x1=5 ("in") elements. All
 # are odd (padded last chunk for world 2), most chunk borders cut through a parameter row (partial first/last rows),
 # and with 5 elements on 7 ranks some ranks own nothing.
 SHAPES = [("out", 7, 27, 3), ("in", 9, 7, 3), ("in", 4, 5, 4), ("out", 5, 4, 4)]
 
 
-@pytest.mark.parametrize("layout,d_in,d_out,n_heads", SHAPES)
+@pytest.mark.parametrize("split,d_in,d_out,n_units", SHAPES)
 @pytest.mark.parametrize("world", [2, 3, 7])
-def test_shard_partials_sum_to_full_gram(layout, d_in, d_out, n_heads, world):
-    x, dy = activations(layout, d_in, d_out)
-    module = HeadwiseLinear(d_in, d_out, n_heads, split=layout)
-    g = per_sample_head_grads(module, x, dy)  # [n, H, P] unsplit reference
+def test_shard_partials_sum_to_full_gram(split, d_in, d_out, n_units, world):
+    x, dy = activations(d_in, d_out)
+    module = HeadwiseLinear(d_in, d_out, n_units, split=split, layer=0)
+    g = per_sample_unit_grads(module, x, dy)  # [n, U, P] unsplit reference
     full = torch.einsum("nhp,mhp->hnm", g, g)
     P = g.shape[-1]
-    assert torch.allclose(shard_head_gram(x, dy, layout, n_heads, 0, P), full, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(shard_unit_gram(x, dy, module, 0, P), full, rtol=1e-12, atol=1e-12)
     chunks = zero3_chunks(P, world)
-    parts = [shard_head_gram(x, dy, layout, n_heads, lo, hi) for lo, hi in chunks]
+    parts = [shard_unit_gram(x, dy, module, lo, hi) for lo, hi in chunks]
     assert torch.allclose(sum(parts), full, rtol=1e-12, atol=1e-12)
     # Each partial is the Gram of exactly its own slice of the per-sample gradients (not just a right total).
     for (lo, hi), part in zip(chunks, parts):
@@ -60,15 +64,16 @@ def test_shard_partials_sum_to_full_gram(layout, d_in, d_out, n_heads, world):
 
 
 def test_any_disjoint_cover_and_empty_ranges():
-    x, dy = activations("out", 7, 27)
+    x, dy = activations(7, 27)
+    module = HeadwiseLinear(7, 27, 3, split="out", layer=0)
     P = 9 * 7
-    full = shard_head_gram(x, dy, "out", 3, 0, P)
+    full = shard_unit_gram(x, dy, module, 0, P)
     cuts = [0, 1, 8, 8, 30, 62, P]  # single elements, an empty range, borders inside rows
-    total = sum(shard_head_gram(x, dy, "out", 3, a, b) for a, b in zip(cuts, cuts[1:]))
+    total = sum(shard_unit_gram(x, dy, module, a, b) for a, b in zip(cuts, cuts[1:]))
     assert torch.allclose(total, full, rtol=1e-12, atol=1e-12)
-    assert torch.count_nonzero(shard_head_gram(x, dy, "out", 3, 8, 8)) == 0
+    assert torch.count_nonzero(shard_unit_gram(x, dy, module, 8, 8)) == 0
     with pytest.raises(ValueError):
-        shard_head_gram(x, dy, "out", 3, 0, P + 1)
+        shard_unit_gram(x, dy, module, 0, P + 1)
 
 
 def fake_zero3_param(numel: int, rank: int, world: int):
@@ -91,17 +96,19 @@ def test_split_modes_on_one_process():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 37, (5, 10), generator=g)
     b = {"input_ids": ids, "labels": ids.clone()}
-    assert resolve_split(m) == "layer"  # nothing is ZeRO-3 partitioned
+    units, fn = find_units(m), own_probe_fn(MATConfig())
+    assert resolve_split(units) == "layer"  # nothing is ZeRO-3 partitioned
     with pytest.raises(ValueError):
-        resolve_split(m, "rows")
-    probe = probe_modules(m, b)
+        resolve_split(units, "rows")
+    probe = probe_units(m, units, b, fn)
     assert probe.split == "layer" and probe.gram_allreduce_bytes == 0  # one rank: nothing is sent
     assert probe.grad_numel == probe.grad_numel_unsplit
     assert probe.probe_comm_bytes in (None, {})
     assert probe.metrics()["mat/refresh_comm_bytes"] == 0
+    assert probe.expert_grams is None  # a dense model, and experts were not asked for
     # split="shard" on unpartitioned weights falls back to whole layers; same numbers either way
-    assert torch.equal(head_grams(m, b, split="shard"), probe.grams)
-    assert torch.equal(head_grams(m, b, split="layer"), probe.grams)
+    assert torch.equal(probe_units(m, units, b, fn, split="shard").head_grams, probe.head_grams)
+    assert torch.equal(probe_units(m, units, b, fn, split="layer").head_grams, probe.head_grams)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from mat_ds.engine import init_distributed, shutdown_distributed
+from mat_ds.distributed import init_distributed, shutdown_distributed
 
 
 def main() -> None:

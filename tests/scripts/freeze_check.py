@@ -1,4 +1,5 @@
-"""Multi-rank check of ``mat_ds.freezing`` on real DeepSpeed engines, one ZeRO stage after another in ONE process.
+"""Multi-rank check of ``mat_ds.core.freezing`` on real DeepSpeed engines, one ZeRO stage after another in ONE
+process.
 
     deepspeed --num_gpus 2 tests/scripts/freeze_check.py --stages 0,1,2,3
 
@@ -9,10 +10,11 @@ under ZeRO-3, several optimizer sub-groups; one frozen head sits in the no-decay
   (full values; gathered under ZeRO-3) and their Adam-state fragments stayed bit-identical, whether the other weights
   moved, whether the re-activated heads move again, whether both ranks hold identical weights at the end, and the bytes
   per communication op of each step (DeepSpeed comms logger).
-* unguarded run (``guard=False``: only ``requires_grad`` is toggled): same schedule up to the 3 frozen steps; records how
-  far the "frozen" weights moved anyway.
+* unguarded run (``guard=False``: only ``requires_grad`` is toggled): same schedule up to the 3 frozen steps; records
+  how far the "frozen" weights moved anyway.
 
-Rank 0 prints one line ``FREEZE_CHECK {json}`` per stage.
+Engines come from ``mat_ds.initialize`` with no ``"mat"`` block (plain DeepSpeed); the script drives
+``FreezeController`` itself. Rank 0 prints one line ``FREEZE_CHECK {json}`` per stage.
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ import argparse
 import json
 import math
 import tempfile
-import os
-import sys
 
 import deepspeed
 import torch
@@ -29,8 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mat_ds.engine import init_distributed, shutdown_distributed
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+import mat_ds
+from mat_ds.core.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+from mat_ds.distributed import init_distributed, shutdown_distributed
 
 D, K, N_HEADS, MICRO, ACCUM = 13, 7, 4, 8, 2
 FROZEN = [1, 3]
@@ -120,7 +121,8 @@ def train_step(engine, stage: int, step: int, rank: int, frozen_params=()) -> tu
 def build(stage: int, guard: bool):
     torch.manual_seed(0)
     model = Toy()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(), config=ds_config(stage))
+    engine, _, _, _ = mat_ds.initialize(model=model, model_parameters=model.param_groups(), config=ds_config(stage))
+    assert not hasattr(engine, "mat")  # no "mat" block: a plain DeepSpeed engine
     return model, engine, FreezeController(engine, model.head_modules(), guard=guard)
 
 

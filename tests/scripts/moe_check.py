@@ -1,19 +1,24 @@
-"""Multi-rank checks of MAT on Switch MoE experts (``mat_ds/moe.py``) on real DeepSpeed engines.
+"""Multi-rank checks of MAT on Switch MoE experts (``mat_ds/models/switch.py`` on ``deepspeed.moe``, the generic expert
+code in ``mat_ds/core/experts.py``) on real DeepSpeed engines.
 
     deepspeed --num_gpus 2 tests/scripts/moe_check.py --configs 0:1,2:1,2:2
 
 For every ``stage:ep_size`` pair (ZeRO stage, expert-parallel size) one tiny Switch BERT (every block an MoE layer,
-4 experts each) is built on 2 ranks and checked:
+4 experts each) is built on 2 ranks (``mat_ds.initialize`` without a ``"mat"`` block: a plain DeepSpeed engine; the
+script drives the probe and ``FreezeController`` itself) and checked:
 
-* per-expert mNTK: ``mntk.expert_grams`` (activation-based, routing recovered from the gates) against
-  ``mntk.explicit_expert_grams`` (n backward passes of parameter gradients), before and after training steps;
+* the expert-parallel rank the model assumed when it initialised its experts is the one DeepSpeed's groups give;
+* per-expert mNTK: ``mat_ds.core.mntk.probe_units(..., experts=True).expert_grams`` (activation-based, routing
+  recovered from the gates) against ``tests/oracles.py::explicit_expert_grams`` (n backward passes of parameter
+  gradients), before and after training steps;
 * freezing experts {0, 3} of layer 0 and {1} of layer 1 (global ids: with ep_size 2 they live on both ranks):
   frozen weights and their Adam-state fragments bit-identical over 3 steps, their ``.grad`` None after backward
   (no weight-gradient compute), everything else moving, and the gradient bytes each rank sends per step
   (DeepSpeed comms logger) before vs while frozen, next to the frozen experts' size on that rank;
 * the ranks' frozen masks are identical (all-gathered) and expert-data-parallel copies of an expert hold identical
   weights at the end (ep_size 1: both ranks hold every expert);
-* ZeRO-3 with native MoE is refused by ``build_engine`` with a one-line ConfigError.
+* ZeRO-3 with native MoE is refused by ``mat_ds.initialize`` (config with a ``"mat"`` block) with a one-line
+  ConfigError.
 
 Rank 0 prints one line ``MOE_CHECK {json}`` per pair.
 """
@@ -21,21 +26,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
+import mat_ds
+from mat_ds.adapters.own import probe_fn as own_probe_fn
 from mat_ds.config import ConfigError, ModelConfig
-from mat_ds.engine import build_engine, init_distributed, shutdown_distributed
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
-from mat_ds.mntk import expert_grams, explicit_expert_grams, lambda_max
-from mat_ds.model import Transformer
+from mat_ds.core.config import MATConfig
+from mat_ds.core.experts import find_moe_layers
+from mat_ds.core.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
+from mat_ds.core.mntk import lambda_max, probe_units
+from mat_ds.core.units import find_units
+from mat_ds.distributed import init_distributed, shutdown_distributed
+from mat_ds.models.switch import switch_layers
+from mat_ds.models.transformer import Transformer
+from tests.oracles import explicit_expert_grams
 
 VOCAB, T, N_PROBE, MICRO, ACCUM = 64, 8, 6, 4, 2
 FROZEN = [0, 3, 5]  # global expert ids: layer 0 experts 0 and 3, layer 1 expert 1
 E = 4
+PROBE_FN = own_probe_fn(MATConfig(probe_output="loss"))
 
 
 def ds_config(stage: int) -> dict:
@@ -57,6 +68,19 @@ def batch(seed: int, n: int) -> dict:
     labels = torch.where(torch.rand(n, T, generator=g) < 0.4, ids, torch.full_like(ids, -100))
     labels[:, 0] = ids[:, 0]  # every sample has a target
     return {"input_ids": ids, "labels": labels}
+
+
+def build_engine(model: Transformer, cfg: dict):
+    """What the old ``build_engine`` did: DeepSpeed (through ``mat_ds.initialize``) with the model's param groups."""
+    weight_decay = float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
+    engine, _, _, _ = mat_ds.initialize(model=model, model_parameters=model.param_groups(weight_decay), config=cfg)
+    return engine
+
+
+def expert_grams(model, units, probe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fast Grams from one probe pass, explicit-Jacobian ground truth), both [moe_layers·E, n, n]."""
+    fast = probe_units(model, units, probe, PROBE_FN, experts=True).expert_grams
+    return fast, explicit_expert_grams(model, units, probe, PROBE_FN)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,15 +122,21 @@ def run(stage: int, ep: int, rank: int) -> dict:
     res: dict = {"stage": stage, "ep_size": ep, "world": dist.get_world_size(), "accum": ACCUM}
     torch.manual_seed(0)
     model = Transformer(model_config(ep), VOCAB, T)
-    engine = build_engine(model, ds_config(stage), train_steps=10)
+    engine = build_engine(model, ds_config(stage))
+    assert not hasattr(engine, "mat")  # no "mat" block: a plain DeepSpeed engine
+    # The model seeded each expert by (layer, GLOBAL expert id) with an ep_rank it computed before DeepSpeed created
+    # the expert groups; the groups must agree, or expert e would not start with the same weights for every ep_size.
+    res["ep_rank_matches_deepspeed"] = all(gather_bool(all(
+        sw.ep_rank == layer.ep_rank for sw, layer in zip(switch_layers(model), find_moe_layers(model)))))
+    units = find_units(model)  # after initialize: expert-parallel ranks come from DeepSpeed's groups
     probe = batch(7, N_PROBE)  # the same probe batch on every rank, as the trainer's
 
-    G, X = expert_grams(model, probe), explicit_expert_grams(model, probe)
+    G, X = expert_grams(model, units, probe)
     res["gram_rel_err_init"] = rel(G, X)
     res["lambda_rel_err_init"] = rel(lambda_max(G), lambda_max(X))
     res["lambda_init"] = lambda_max(G).flatten().tolist()
 
-    experts = model.expert_modules()
+    experts = [u.params for u in units.experts]  # global expert order; [] where another rank holds the expert
     ctl = FreezeController(engine, experts)
     mask = torch.zeros(len(experts), dtype=torch.bool)
     mask[FROZEN] = True
@@ -153,7 +183,7 @@ def run(stage: int, ep: int, rank: int) -> dict:
     dist.all_gather(copies, flat)
     res["expert_copies_identical"] = all(torch.equal(copies[0], c) for c in copies[1:]) if ep == 1 else None
 
-    G, X = expert_grams(model, probe), explicit_expert_grams(model, probe)
+    G, X = expert_grams(model, units, probe)
     res["gram_rel_err_trained"] = rel(G, X)
     res["lambda_rel_err_trained"] = rel(lambda_max(G), lambda_max(X))
     ctl.close()
@@ -173,8 +203,8 @@ def main() -> None:
         if rank == 0:
             print("MOE_CHECK " + json.dumps(res), flush=True)
         dist.barrier()
-    try:
-        build_engine(Transformer(model_config(1), VOCAB, T), ds_config(3), train_steps=1)
+    try:  # with a "mat" block, mat_ds.initialize says it up front (plain DeepSpeed would assert deep inside)
+        build_engine(Transformer(model_config(1), VOCAB, T), {**ds_config(3), "mat": {"policy": "mat"}})
         refused = None
     except ConfigError as exc:
         refused = str(exc)
