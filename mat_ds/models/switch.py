@@ -2,12 +2,12 @@
 
 A block whose index ``l`` satisfies ``(l + 1) % moe_layer_interval == 0`` replaces its dense MLP by
 ``deepspeed.moe.layer.MoE`` (top-1 routing, capacity factor, DeepSpeed's load-balancing loss ``l_aux``, random token
-selection when an expert overflows). Expert ``e`` of that layer is one MAT module: its parameters are the expert
+selection when an expert overflows). Expert ``e`` of that layer is one MAT unit: its parameters are the expert
 MLP's ``fc1``/``fc2`` weights and biases. With expert parallelism (``moe_ep_size > 1``) a rank holds only
 ``num_experts / ep_size`` of them ("local experts"); global expert ``e`` lives on expert-parallel rank
 ``e // num_local_experts``. Launch (2 ranks, 4 experts per MoE layer split over both ranks):
 
-    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/switch_mat_ep2.json \\
+    deepspeed --num_gpus 2 --module mat_ds.pretrain --deepspeed_config configs/switch_mat_ep2.json \\
         --moe_num_experts 4 --moe_ep_size 2
 
 Choices made here (DeepSpeed leaves them to the model):
@@ -17,19 +17,13 @@ Choices made here (DeepSpeed leaves them to the model):
   index), so expert ``e`` has the same initial weights whatever ``ep_size`` is, and experts differ from each other.
 * Expert-parallel rank: DeepSpeed's default E+D topology (no tensor/pipeline parallelism) puts ranks
   ``[k·ep, (k+1)·ep)`` in one expert-parallel group, i.e. ep_rank = rank % ep_size. The model is built before
-  ``deepspeed.initialize`` creates the groups, so we compute it that way and ``check_expert_groups`` verifies it
-  against DeepSpeed's groups afterwards.
+  ``deepspeed.initialize`` creates the groups, so we compute it that way (``tests/scripts/moe_check.py`` checks it
+  against DeepSpeed's groups afterwards).
 * The training loss is the LM loss + ``moe_aux_loss_coef · Σ_layers l_aux``; ``train/loss`` logs the LM part only
   (comparable with dense runs), ``train/aux_loss`` the balancing term.
 
-Routing recovery for the per-expert mNTK (``mat_ds/mntk.py`` computes the Gram from what is recorded here): the gate's
-sparse routes give, for every token s of this rank, its expert ``indices[s]`` (-1 if dropped) and its slot
-``locations[s]`` in that expert's capacity buffer; token s is position ``s % T`` of sample ``s // T``. An expert
-receives ``[ep_size, C, d]`` slots, one slab per source rank of its expert-parallel group. The probe batch is the same
-on every rank, so every source slab holds the same tokens; the expert's owner reads the slab that came from ITSELF,
-whose slot -> sample map it knows locally (no communication) and whose output gradients come from its own copy of
-Σ_i f_i. During the probe, token dropping is switched off (capacity = the largest expert load) so each sample's routing
-depends on that sample alone and Θ is a proper per-sample Gram.
+The per-expert mNTK (routing recovery, probe-mode routing without token dropping) is model-agnostic and lives in
+``mat_ds/core/experts.py``: it works on any model's ``deepspeed.moe`` layers, this one included.
 """
 from __future__ import annotations
 
