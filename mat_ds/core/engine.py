@@ -135,6 +135,15 @@ def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits
     if units.experts and stage == 3:
         raise ConfigError("MAT on Hugging Face fused-expert MoE models is verified on ZeRO stages 0-2 only, not "
                           "under ZeRO-3: use zero_optimization.stage 2 for this model")
+    for key in ("fp16", "bf16"):  # DeepSpeed's own check is a ValueError traceback from inside the engine
+        if (cfg.get(key) or {}).get("enabled") is True:
+            from deepspeed.accelerator import get_accelerator
+
+            accel = get_accelerator()
+            if not (accel.is_fp16_supported() if key == "fp16" else accel.is_bf16_supported()):
+                other = "bf16 (with ZeRO stage >= 1) or fp32" if key == "fp16" else "fp32"
+                raise ConfigError(f"{key} is not supported by DeepSpeed's {accel.device_name()} accelerator on this "
+                                  f"machine: remove the \"{key}\" block or train in {other}")
     half = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
     if half and stage == 0 and mat.freezes:
         raise ConfigError("MAT freezing under bf16/fp16 needs ZeRO stage 1, 2 or 3 (its optimizer guard works on "
@@ -186,7 +195,7 @@ class MATController:
     def _before_forward(self, _module, args, kwargs):
         if not (self.engine.training and torch.is_grad_enabled()):
             return None  # evaluation, or a forward under no_grad: MAT does nothing
-        step = int(self.engine.global_steps)
+        step = self.step
         if step == self._step_seen:
             return None  # a later micro-batch of the same optimizer step: decisions hold inside accumulation
         self._step_seen = step
@@ -214,6 +223,12 @@ class MATController:
                     choose(m, n, T, self.cfg.probe_gram, self.cfg.probe_memory_mb << 20)
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+
+    @property
+    def step(self) -> int:
+        """MAT's clock: optimizer steps that happened. DeepSpeed counts an overflow-skipped step in ``global_steps``
+        (and in ``skipped_steps``); it updated nothing, so MAT neither counts it nor refreshes for it."""
+        return int(self.engine.global_steps) - int(getattr(self.engine, "skipped_steps", 0) or 0)
 
     def is_refresh_step(self, step: int) -> bool:
         if self.probe is not None and not self.probe.ready:

@@ -46,6 +46,7 @@ re-activated head gets the same bias correction, and the run the same trajectory
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
 
 import torch
 
@@ -103,7 +104,9 @@ class FreezeController:
         self._regions: dict[tuple, list[tuple[int, int]]] = {}
         self._saved: list = []
         self._hooks = []
-        self._check_supported()
+        # A wrapper the guard cannot see into (ZeRO-Offload, bf16/fp16 without ZeRO) is refused when something is
+        # to be FROZEN, not at construction: policy "full" (never freezes) must run there.
+        self._unsupported = self._unsupported_reason()
         if self.stage in (1, 2):
             self._group_of = {id(p): i for i, g in enumerate(self._bit16_groups()) for p in g}
         if guard:
@@ -120,6 +123,8 @@ class FreezeController:
         frozen = torch.as_tensor(frozen).to(device="cpu", dtype=torch.bool).flatten()
         if frozen.numel() != len(self.modules):
             raise ValueError(f"frozen has {frozen.numel()} entries, expected one per module ({len(self.modules)})")
+        if self._unsupported is not None and bool(frozen.any()):
+            raise NotImplementedError(self._unsupported)
         frozen_ids = {id(p) for m, params in zip(frozen.tolist(), self.modules) if m for p in params}
         seen: set[int] = set()
         self._frozen_params = []
@@ -152,17 +157,19 @@ class FreezeController:
         groups = getattr(self.zero, "bit16_groups", None)
         return groups if groups is not None else self.zero.bf16_groups  # BF16_Optimizer (bf16 + ZeRO-1)
 
-    def _check_supported(self) -> None:
+    def _unsupported_reason(self) -> Optional[str]:
+        """Why this engine's optimizer cannot be guarded (None: it can)."""
         z = self.zero
         if self.stage == 3:
             if getattr(z, "offload_optimizer", False) or getattr(z, "offload_param", False):
-                raise NotImplementedError("FreezeController does not support ZeRO-3 offload")
+                return "FreezeController does not support ZeRO-3 offload"
         elif self.stage in (1, 2):
             if getattr(z, "cpu_offload", False):
-                raise NotImplementedError("FreezeController does not support ZeRO-Offload")
+                return "FreezeController does not support ZeRO-Offload"
         elif z is not self.inner:
-            raise NotImplementedError(f"without ZeRO only fp32 training with a torch optimizer is supported, "
-                                      f"got {type(z).__name__} (fp16/bf16 wrapper)")
+            return (f"without ZeRO only fp32 training with a torch optimizer is supported, "
+                    f"got {type(z).__name__} (fp16/bf16 wrapper)")
+        return None
 
     def _locate(self, p: torch.nn.Parameter) -> list[tuple[tuple, int, int]]:
         """[(flat key, start, numel)] of ``p``'s part of the fp32 master weights on this rank (may be empty)."""
