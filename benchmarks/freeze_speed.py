@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+import mat_ds
 from mat_ds.config import add_cli_arguments, from_cli, load_deepspeed_config
+from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.data import global_positions, make_batch, prepare_data
-from mat_ds.engine import build_engine, init_distributed, shutdown_distributed
-from mat_ds.flops import FlopsModel
-from mat_ds.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
-from mat_ds.model import Transformer
+from mat_ds.models.flops import FlopsModel
+from mat_ds.models.transformer import Transformer
+from mat_ds.train import deepspeed_config
 
 
 def main() -> None:
@@ -38,23 +37,30 @@ def main() -> None:
     add_cli_arguments(parser)
     args = parser.parse_args()
 
-    init_distributed()
+    mat_ds.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    ds_config = load_deepspeed_config(args.deepspeed_config)
-    model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
+    ds_file = load_deepspeed_config(args.deepspeed_config)
+    model_cfg, data_cfg, run_cfg = from_cli(args, ds_file)
     data = prepare_data(data_cfg, is_main=rank == 0, barrier=dist.barrier)
     torch.manual_seed(run_cfg.seed)
     model = Transformer(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len)
-    ds_config.pop("mat", None)  # this benchmark sets the frozen set itself
     steps_total = 2 * args.rounds * args.steps_per_round
-    engine = build_engine(model, ds_config, steps_total, comm_stats=True)
+    ds_config = deepspeed_config(ds_file, steps_total, comm_stats=True)
+    # The wrapper with policy "full" never freezes by itself: this benchmark sets the frozen set through the engine's
+    # own FreezeController (engine.mat.freezer), the same object MAT's policies drive.
+    ds_config["mat"] = {"policy": "full"}
+    weight_decay = float(ds_config["optimizer"].get("params", {}).get("weight_decay", 0.0))
+    engine, _, _, _ = mat_ds.initialize(model=model, model_parameters=model.param_groups(weight_decay),
+                                        config=ds_config)
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    freezer = FreezeController(engine, model.head_modules())
+    freezer, units = engine.mat.freezer, engine.mat.units
 
     H = model_cfg.n_head
     n_frozen_per_layer = round(args.frozen_fraction * H)
-    frozen_mask = torch.tensor([h < n_frozen_per_layer for _ in range(model_cfg.n_layer) for h in range(H)])
+    # One entry per freezer module: heads (layer-major), then experts (never frozen here).
+    frozen_mask = torch.tensor([u.kind == "heads" and u.index < n_frozen_per_layer for u in units.all()])
     none = torch.zeros_like(frozen_mask)
+    frozen_heads = [u for u, f in zip(units.all(), frozen_mask.tolist()) if f]
 
     times: dict[str, list[float]] = {"full": [], "frozen": []}
     comm: dict[str, list[int]] = {"full": [], "frozen": []}  # gradient reductions only
@@ -89,11 +95,11 @@ def main() -> None:
                                    data_cfg.mlm_probability)
         t_full, t_frozen = statistics.median(times["full"]), statistics.median(times["frozen"])
         c_full, c_frozen = statistics.median(comm["full"]), statistics.median(comm["frozen"])
-        frozen_bytes = freezer_numel(model, frozen_mask) * 4
+        frozen_bytes = sum(p.numel() for u in frozen_heads for p in u.params) * 4
         result = {
             "world_size": world, "zero_stage": engine.zero_optimization_stage(),
             "model": f"{model_cfg.n_layer}L d{model_cfg.d_model} {H}h vocab{data.tokenizer.vocab_size} T{data_cfg.seq_len}",
-            "frozen_heads": int(frozen_mask.sum()), "heads": frozen_mask.numel(),
+            "frozen_heads": len(frozen_heads), "heads": len(units.heads),
             "step_s_full": round(t_full, 5), "step_s_frozen": round(t_frozen, 5),
             "step_time_ratio": round(t_frozen / t_full, 4),
             "grad_comm_bytes_full": c_full, "grad_comm_bytes_frozen": c_frozen,
@@ -102,15 +108,11 @@ def main() -> None:
             "all_comm_bytes_full": statistics.median(comm_all["full"]),
             "all_comm_bytes_frozen": statistics.median(comm_all["frozen"]),
             "param_bytes_total": sum(p.numel() for p in model.parameters()) * 4,
-            "flops_ratio_analytic": round(flops.train_per_token(int(frozen_mask.sum())) / flops.train_per_token(0), 4),
+            "flops_ratio_analytic": round(flops.train_per_token(len(frozen_heads)) / flops.train_per_token(0), 4),
             "samples_per_arm": len(times["full"]),
         }
         print("FREEZE_SPEED " + json.dumps(result), flush=True)
-    shutdown_distributed()
-
-
-def freezer_numel(model: Transformer, mask: torch.Tensor) -> int:
-    return sum(p.numel() for m, params in zip(mask.tolist(), model.head_modules()) if m for p in params)
+    mat_ds.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Does MAT train faster and perform better here? The paper's Table 1, side by side on one code path.
 
-    python benchmarks/paper_table.py                       # small scale: 5 methods x 3 seeds, <= 30 min on 2 CPU cores
-    python benchmarks/paper_table.py --full                # GPU scale (12L d768 12h BERT)
-    python benchmarks/paper_table.py --report_only         # recompute docs/results.md + plots from existing runs
+    python -m benchmarks.paper_table                       # small scale: 5 methods x 3 seeds, <= 30 min on 2 CPU cores
+    python -m benchmarks.paper_table --full                # GPU scale (12L d768 12h BERT)
+    python -m benchmarks.paper_table --report_only         # recompute docs/results.md + plots from existing runs
+
+(from the repository root; ``python benchmarks/paper_table.py`` works too).
 
 Every run is one launch of the real launcher (``deepspeed ... launch/pretrain.py``) with the same model, data and seed
 set; only the ``"mat"`` block of the DeepSpeed JSON differs. Per seed, ``full`` runs first: its final cumulative FLOPs
@@ -29,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -37,8 +40,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import plots
-from plots import METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir
+
+try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
+    from benchmarks import plots
+except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
+    import plots  # type: ignore[no-redef]
+METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir = (
+    plots.METHODS, plots.REPO, plots.RunSet, plots.eval_curve, plots.is_complete, plots.load_runs, plots.read_rows,
+    plots.run_dir)
 
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
@@ -153,8 +162,6 @@ def mat_active_fraction(rows: list[dict], warmup_steps: int) -> float:
 def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str], scale: Scale,
                keep_checkpoints: bool = False) -> list[dict]:
     """Launch one run unless an identical one already completed; return its merged rows. Raises on failure."""
-    from tests.launcher import free_port
-
     d = run_dir(out, seed, method)
     spec = {"ds_config": cfg, "args": run_args, "num_gpus": scale.num_gpus}
     spec_path = d / "spec.json"
@@ -388,10 +395,10 @@ def per_seed_table(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
 
 
 def head_freeze_ceiling(scale: dict) -> Optional[float]:
-    """FLOPs per step with EVERY head frozen relative to none (mat_ds.flops): the floor of what head freezing can buy."""
+    """FLOPs per step with EVERY head frozen relative to none (mat_ds.models.flops): the floor of what head freezing can buy."""
     try:
         from mat_ds.config import ModelConfig
-        from mat_ds.flops import FlopsModel
+        from mat_ds.models.flops import FlopsModel
 
         cfg = ModelConfig(n_layer=scale["n_layer"], n_head=scale["n_head"], d_model=scale["d_model"])
         fm = FlopsModel.for_run(cfg, scale["vocab_size"], scale["seq_len"], 0.15)
@@ -560,8 +567,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.num_gpus is not None:
         scale = dataclasses.replace(scale, num_gpus=args.num_gpus)
     out = Path(args.out or REPO / "runs" / ("paper_table_full" if args.full else "paper_table")).resolve()
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO) if Path(__file__).is_relative_to(REPO)
-                                      else __file__, *(sys.argv[1:] if argv is None else argv)])
+    if __package__:  # python -m benchmarks.paper_table (or called from an importer)
+        entry = ["-m", f"{__package__}.paper_table"]
+    else:
+        entry = [os.path.relpath(__file__, REPO) if Path(__file__).is_relative_to(REPO) else __file__]
+    command = "python " + shlex.join([*entry, *(sys.argv[1:] if argv is None else argv)])
     meta_path = out / "harness.json"
     if args.report_only:
         if not meta_path.is_file():
@@ -611,6 +621,14 @@ def _kept_discussion(results: Path) -> str:
         return placeholder
     kept = text.split(marker, 1)[1].strip()
     return kept + "\n" if kept else placeholder
+
+
+def free_port() -> int:
+    """A free TCP port for the launcher's rendezvous (the same helper as ``tests/launcher.py``, kept here so the
+    benchmarks do not import the tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _shown(path: Optional[str]) -> Optional[str]:

@@ -1,6 +1,6 @@
 """Figures for the paper-table benchmark, drawn from the runs' ``metrics.jsonl`` files.
 
-    python benchmarks/plots.py --out runs/paper_table --docs docs
+    python -m benchmarks.plots --out runs/paper_table --docs docs
 
 Reads ``OUT/seed{S}/{method}/metrics.jsonl`` (the layout ``benchmarks/paper_table.py`` writes) and draws three PNGs:
 
@@ -9,7 +9,7 @@ Reads ``OUT/seed{S}/{method}/metrics.jsonl`` (the layout ``benchmarks/paper_tabl
   x-axis, so "faster" reads as "left of full at the same loss";
 * ``mat_lambda_heatmap.png`` — λmax of every head (rows ``L{l}H{h}``) at every refresh (columns) of the first seed's MAT
   run, the analogue of the paper's Figure 3. Which heads were frozen is not logged per head, so it is *replayed*: the
-  MAT policy is deterministic given the λmax sequence, so feeding the logged λmax back into ``mat_ds.policy`` gives the
+  MAT policy is deterministic given the λmax sequence, so feeding the logged λmax back into ``mat_ds.core.policy`` gives the
   decisions; they are drawn (×) only if the replay's frozen counts match the logged ``mat/frozen_heads`` at every
   refresh;
 * ``active_fraction.png`` — share of heads trained per step, per method, first seed (multirate alternates every step,
@@ -166,8 +166,8 @@ def replay_frozen(rows: Rows, mat_block: dict, labels: list[str], steps: np.ndar
     try:
         import torch
 
-        from mat_ds.config import MATConfig
-        from mat_ds.policy import make_policy
+        from mat_ds.core.config import MATConfig
+        from mat_ds.core.policy import make_policy
     except Exception:  # noqa: BLE001 - the heatmap is still useful without the marks
         return None
     n_layer = 1 + max(int(s[1:].split("H")[0]) for s in labels)

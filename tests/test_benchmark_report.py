@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-import paper_table as pt  # noqa: E402
-import plots  # noqa: E402
-
-from mat_ds.config import MATConfig  # noqa: E402
+from benchmarks import paper_table as pt
+from benchmarks import plots
+from mat_ds.core.config import MATConfig
 
 
 def write_run(out: Path, seed: int, method: str, steps: int, flops_per_step: float, seconds_per_step: float,
@@ -194,7 +190,7 @@ def lambda_rows_extra(n_refresh: int, refresh: int, block: dict, L: int = 2, H: 
     """λmax rows as the trainer logs them (in the row of refresh_step + 1), with frozen counts from the real policy."""
     import torch
 
-    from mat_ds.policy import make_policy
+    from mat_ds.core.policy import make_policy
 
     policy = make_policy(MATConfig.from_dict(block), L * H, L)
     rng = np.random.default_rng(0)
