@@ -47,12 +47,71 @@ def contiguous_layout(total: int, n_units: int) -> torch.Tensor:
     return torch.arange(total).view(n_units, total // n_units)
 
 
-def _assemble(weights: Sequence[torch.Tensor], split_dim: int, order: Optional[torch.Tensor]) -> torch.Tensor:
-    """The full weight [d_out, d_in] in the ORIGINAL channel order from the per-unit parameters."""
-    w = torch.cat(list(weights), dim=split_dim)  # unit-major
-    if order is None:
-        return w
-    return w.index_select(split_dim, order.to(w.device))  # order[c] = unit-major position of original channel c
+class _UnitLayout:
+    """Where each unit's channels sit among the layer's channels, worked out ONCE per layer so that a training step does
+    no per-channel Python work: the layout as runs of consecutive channels that belong to one unit.
+
+    A contiguous layout is U runs; GPT-2's blocked ``[Q | K | V]`` is 3·U runs. Few runs: the full weight is ONE
+    ``torch.cat`` of slices of the unit parameters (no unit-major copy followed by an ``index_select``), and a unit's
+    part of a full-layer gradient is a slice (a view for contiguous layouts). Many runs (a scattered permutation):
+    ``index_select`` with ``order`` / the unit's channel indices.
+    """
+
+    def __init__(self, total: int, n_units: int, layout: Optional[torch.Tensor]):
+        self.total, self.n_units, self.k = total, n_units, total // n_units
+        self.layout = layout  # None: contiguous
+        self.order = None if layout is None else torch.argsort(layout.flatten())
+        lay = contiguous_layout(total, n_units) if layout is None else layout
+        pos = torch.argsort(lay.flatten()).tolist()  # original channel c -> unit-major position
+        runs: list[tuple[int, int, int, int]] = []  # (unit, start in unit, length, start in the layer)
+        c = 0
+        while c < total:
+            u, s = divmod(pos[c], self.k)
+            n = 1
+            while c + n < total and pos[c + n] == pos[c] + n and s + n < self.k:
+                n += 1
+            runs.append((u, s, n, c))
+            c += n
+        self.runs = tuple(runs)
+        per_unit: list[list[tuple[int, int, int]]] = [[] for _ in range(n_units)]
+        for u, s, n, c in runs:
+            per_unit[u].append((s, n, c))
+        self.unit_runs = tuple(tuple(sorted(r)) for r in per_unit)  # per unit: (start in unit, length, start in layer)
+        self.sliced = len(runs) <= 4 * n_units
+        self._lay: dict[torch.device, torch.Tensor] = {}
+        self._order: dict[torch.device, torch.Tensor] = {}
+
+    def lay(self, device: torch.device) -> torch.Tensor:
+        """[n_units, k] channel indices on ``device`` (cached)."""
+        if device not in self._lay:
+            lay = contiguous_layout(self.total, self.n_units) if self.layout is None else self.layout
+            self._lay[device] = lay.to(device)
+        return self._lay[device]
+
+    def assemble(self, parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+        """The full tensor in the ORIGINAL channel order from the per-unit ones (a new tensor, one copy)."""
+        if self.layout is None:
+            return torch.cat(list(parts), dim=dim)
+        if self.sliced:
+            return torch.cat([parts[u].narrow(dim, s, n) for u, s, n, _ in self.runs], dim=dim)
+        device = parts[0].device
+        if device not in self._order:
+            self._order[device] = self.order.to(device)
+        return torch.cat(list(parts), dim=dim).index_select(dim, self._order[device])  # order[c]: unit-major position
+
+    def unit_part(self, full: torch.Tensor, dim: int, u: int) -> torch.Tensor:
+        """Unit ``u``'s part of a full-layer tensor (channels along ``dim``), in the unit's own channel order."""
+        if self.layout is None:
+            return full.narrow(dim, u * self.k, self.k)
+        if self.sliced:
+            pieces = [full.narrow(dim, c, n) for _, n, c in self.unit_runs[u]]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        return full.index_select(dim, self.lay(full.device)[u])
+
+
+def _partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (its full data exists only while DeepSpeed has gathered it)."""
+    return hasattr(p, "ds_tensor")
 
 
 class HeadwiseLinearFn(torch.autograd.Function):
@@ -60,70 +119,75 @@ class HeadwiseLinearFn(torch.autograd.Function):
     grad. ``weight_grads=False`` (the mNTK probe) computes no weight gradient at all: ``ctx.needs_input_grad`` is fixed
     at forward time, so a later ``autograd.grad`` w.r.t. activations only would otherwise still pay for every dW GEMM.
 
-    Inputs: x, split_dim, weight_grads, order (or None), layout (or None), n_units, shared_bias (or None), then the
-    n_units weights, then (split "out" with bias) the n_units biases.
+    Inputs: x, plan (the layer's ``_UnitLayout``), split_dim, weight_grads, shared_bias (or None), then the n_units
+    weights, then (split "out" with bias) the n_units biases.
+
+    Cost against ``nn.Linear`` (same three GEMMs): one copy of the weight to assemble it in forward (kept for backward
+    unless the parameters are ZeRO-3 partitions, which are re-gathered and re-assembled instead of holding a full copy
+    between forward and backward); with every unit training, the weight gradient is ONE GEMM in the layer's channel
+    order whose unit parts are views (split "out", contiguous layout) or one weight-sized copy (split "in", or GPT-2's
+    blocked layout); bias gradients are one column sum, split by unit.
     """
 
     @staticmethod
-    def forward(ctx, x, split_dim, weight_grads, order, layout, n_units, shared_bias,  # type: ignore[override]
-                *params):
+    def forward(ctx, x, plan, split_dim, weight_grads, shared_bias, *params):  # type: ignore[override]
+        n_units = plan.n_units
         weights, biases = params[:n_units], params[n_units:]
-        w = _assemble(weights, split_dim, order)
-        if biases:
-            b = _assemble(biases, 0, order)
+        w = plan.assemble(weights, split_dim)
+        b = plan.assemble(biases, 0) if biases else shared_bias
+        ctx.kept_weight = not _partitioned(weights[0])
+        # ZeRO-3: save the parameters themselves, not the assembled weight, so they are re-gathered for backward
+        # instead of keeping a full copy alive between forward and backward. Otherwise reuse the assembled weight.
+        if ctx.kept_weight:
+            ctx.save_for_backward(x, w)
         else:
-            b = shared_bias
-        # Save the parameters themselves, not the assembled weight: under ZeRO-3 they are re-gathered for backward
-        # instead of keeping a full copy alive between forward and backward.
-        ctx.save_for_backward(x, *params)
-        ctx.split_dim, ctx.weight_grads, ctx.order, ctx.layout, ctx.n_units = split_dim, weight_grads, order, layout, \
-            n_units
+            ctx.save_for_backward(x, *weights)
+        ctx.plan, ctx.split_dim, ctx.weight_grads, ctx.n_params = plan, split_dim, weight_grads, len(params)
         ctx.has_shared_bias = shared_bias is not None
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, *params = ctx.saved_tensors
-        n_units, split_dim = ctx.n_units, ctx.split_dim
-        weights, biases = params[:n_units], params[n_units:]
-        first = 7  # index of the first parameter among forward's inputs
-        need = ctx.needs_input_grad[first:] if ctx.weight_grads else [False] * len(params)
+        x, *saved = ctx.saved_tensors
+        plan, split_dim = ctx.plan, ctx.split_dim
+        n_units = plan.n_units
+        first = 5  # index of the first parameter among forward's inputs
+        need = ctx.needs_input_grad[first:] if ctx.weight_grads else (False,) * ctx.n_params
         need_w, need_b = need[:n_units], need[n_units:]
+        # One 2-D view (a copy only if dy is not contiguous, e.g. behind attention's head transpose) serves every GEMM
+        # below; ``dy @ w`` on a non-contiguous 3-D dy would copy it again or take a batched-matmul path.
+        dy2 = dy.reshape(-1, dy.shape[-1])
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ _assemble(weights, split_dim, ctx.order)
+            w = saved[0] if ctx.kept_weight else plan.assemble(saved, split_dim)
+            dx = dy2.mm(w).view(x.shape)
         d_shared = None
-        if ctx.has_shared_bias and ctx.needs_input_grad[6]:
-            d_shared = dy.reshape(-1, dy.shape[-1]).sum(0)
-        grads: list[Optional[torch.Tensor]] = [None] * len(params)
+        if ctx.has_shared_bias and ctx.needs_input_grad[4]:
+            d_shared = dy2.sum(0)
+        grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
         active = [u for u, want in enumerate(need_w) if want]
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
         if active:
-            layout = ctx.layout
-            if layout is None and len(active) == n_units:
-                # Everything trains, contiguous layout: one GEMM, then split (cheapest).
+            x2 = x.reshape(-1, x.shape[-1])
+            if len(active) == n_units:
+                # Everything trains: one GEMM in the layer's channel order, then each unit's part (cheapest).
                 dw = dy2.t() @ x2
-                k = weights[0].shape[split_dim]
-                for u, part in enumerate(dw.split(k, dim=split_dim)):
-                    grads[u] = part.contiguous()
+                for u in range(n_units):
+                    grads[u] = plan.unit_part(dw, split_dim, u).contiguous()
             else:
                 # Gather the active units' channels so the weight gradient is still ONE GEMM, sized by active units.
-                lay = layout if layout is not None else contiguous_layout(
-                    n_units * weights[0].shape[split_dim], n_units)
-                idx = lay[active].flatten().to(dy.device)
-                k = lay.shape[1]
+                idx = plan.lay(dy.device)[active].flatten()
                 if split_dim == 0:
                     dw = dy2.index_select(1, idx).t() @ x2
                 else:
                     dw = dy2.t() @ x2.index_select(1, idx)
-                for u, part in zip(active, dw.split(k, dim=split_dim)):
+                for u, part in zip(active, dw.split(plan.k, dim=split_dim)):
                     grads[u] = part.contiguous()
-        for u, want in enumerate(need_b):
-            if want:
-                lay = ctx.layout if ctx.layout is not None else contiguous_layout(dy.shape[-1], n_units)
-                grads[n_units + u] = dy2.index_select(1, lay[u].to(dy.device)).sum(0)
-        return (dx, None, None, None, None, None, d_shared, *grads)
+        if any(need_b):
+            db = dy2.sum(0)  # every unit's bias gradient from one column sum
+            for u, want in enumerate(need_b):
+                if want:
+                    grads[n_units + u] = plan.unit_part(db, 0, u).contiguous()
+        return (dx, None, None, None, d_shared, *grads)
 
 
 class HeadwiseLinear(nn.Module):
@@ -157,7 +221,8 @@ class HeadwiseLinear(nn.Module):
         k = total // n_units
         # Buffers would be moved/cast by .to() and end up in state_dicts; these are index bookkeeping only.
         self.layout: Optional[torch.Tensor] = layout
-        self.order: Optional[torch.Tensor] = None if layout is None else torch.argsort(layout.flatten())
+        self._plan = _UnitLayout(total, n_units, layout)
+        self.order: Optional[torch.Tensor] = self._plan.order
         shape = (k, d_in) if split == "out" else (d_out, k)
         for u in range(n_units):
             w = nn.Parameter(torch.empty(shape, **factory))
@@ -228,17 +293,17 @@ class HeadwiseLinear(nn.Module):
 
     def full_weight(self) -> torch.Tensor:
         """The assembled [d_out, d_in] weight (a copy), e.g. to export back to ``nn.Linear``."""
-        return _assemble(self.weight_params(), self.split_dim, self.order)
+        return self._plan.assemble(self.weight_params(), self.split_dim)
 
     def full_bias(self) -> Optional[torch.Tensor]:
         if self.has_unit_bias:
-            return _assemble(self.bias_params(), 0, self.order)
+            return self._plan.assemble(self.bias_params(), 0)
         return self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probing = self.recorder is not None
-        y = HeadwiseLinearFn.apply(x, self.split_dim, not probing, self.order, self.layout, self.n_units, self.bias,
-                                   *self.weight_params(), *self.bias_params())
+        y = HeadwiseLinearFn.apply(x, self._plan, self.split_dim, not probing, self.bias, *self.weight_params(),
+                                   *self.bias_params())
         if probing:
             self.recorder.append((self, x.detach(), y))
         return y
