@@ -54,7 +54,7 @@ def test_probe_units_ghost_matches_explicit_jacobian(make):
 def test_cost_model_picks_cheaper_form_within_memory():
     qkv = HeadwiseLinear(4096, 3 * 4096, 32, "out", layer=0, device="meta")
     cost = ghost.layer_cost(16, 512, 4096, 3 * 4096, 32)
-    assert cost.materialized_bytes == 16 * 4096 * 3 * 4096 * 4  # 3.2 GB for one 7B-sized QKV
+    assert cost.materialized_bytes >= 2 * 16 * 4096 * 3 * 4096 * 4  # per-sample grads 3.2 GB + a copy, one 7B QKV
     assert ghost.choose(qkv, 16, 512, "auto", 8 << 30) == "materialized"  # fits: fewer FLOPs
     assert ghost.choose(qkv, 16, 512, "auto", 2 << 30) == "ghost"  # only the ghost form fits 2 GiB
     small = HeadwiseLinear(128, 384, 4, "out", layer=0)
