@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 
-from .core.config import ConfigError, MATConfig, _check, _check_choice, _check_int, _help  # noqa: F401
+from .core.config import ConfigError, MATConfig, _check, _check_choice, _check_int, _help, load_config  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,16 +210,8 @@ def from_cli(args: argparse.Namespace, ds_config: Optional[dict] = None) -> tupl
 
 
 def load_deepspeed_config(path: str) -> dict:
-    """Read the DeepSpeed JSON; a missing or malformed file is a one-line ConfigError."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
-    _check(isinstance(cfg, dict), f"DeepSpeed config {path} must be a JSON object")
-    return cfg
+    """Read the DeepSpeed JSON; a missing or malformed file is a one-line ConfigError (``core.config.load_config``)."""
+    return load_config(path)
 
 
 def as_dict(*configs: Any) -> dict:

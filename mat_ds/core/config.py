@@ -7,6 +7,8 @@ a ``ConfigError`` whose message is one line and says what to change.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -174,3 +176,20 @@ def _check_raptr_schedule(schedule: Any) -> None:
     _check(starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])), msg)
 
 
+def load_config(config: Any) -> dict:
+    """A DeepSpeed config given as a dict or a JSON path (one-line ``ConfigError`` otherwise)."""
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise ConfigError(f"DeepSpeed config {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+        return cfg
+    raise ConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")

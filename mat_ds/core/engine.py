@@ -24,16 +24,14 @@ is enabled (``"wandb"``/``"tensorboard"``/``"csv_monitor"`` blocks) they are wri
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, MATConfig
+from .config import ConfigError, MATConfig, load_config
 from .freezing import FreezeController
 from .mntk import probe_units
 from .policy import Policy, make_policy
@@ -41,25 +39,6 @@ from .probe import ProbeSet
 from .units import ModelUnits, Unit, find_units
 
 CLIENT_KEY = "mat"
-
-
-def load_config(config: Any) -> dict:
-    """A DeepSpeed config given as a dict or a JSON path (one-line ``ConfigError`` otherwise)."""
-    if isinstance(config, dict):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if not os.path.isfile(path):
-            raise ConfigError(f"DeepSpeed config {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
-        return cfg
-    raise ConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
 
 
 def initialize(args=None, model: Optional[torch.nn.Module] = None, optimizer=None, model_parameters=None,
