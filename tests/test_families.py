@@ -32,15 +32,25 @@ def _key(r: dict) -> str:
     return f"{r['family']}:{r['stage']}" + (f":{r['ep_size']}" if r["family"] == "switch" else "")
 
 
+_failed: dict[str, str] = {}  # group -> why its launch failed: reported by every test of the group, launched ONCE
+
+
 def results(spec: str) -> dict:
     group = next(g for g, specs in GROUPS.items() if spec in specs)
+    if group in _failed:
+        raise AssertionError(_failed[group])
     if group not in _results:
         if any(s.split(":")[0] in ("bert", "gpt2", "llama") for s in GROUPS[group]):
             pytest.importorskip("transformers")
-        proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=600)
-        _results[group] = {_key(r): r for r in tagged_json(proc.stdout, "FAMILY_CHECK")}
-        missing = set(GROUPS[group]) - set(_results[group])
-        assert not missing, f"no FAMILY_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+        try:
+            proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=600)
+            rows = {_key(r): r for r in tagged_json(proc.stdout, "FAMILY_CHECK")}
+            missing = set(GROUPS[group]) - set(rows)
+            assert not missing, f"no FAMILY_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+        except AssertionError as exc:
+            _failed[group] = str(exc)
+            raise
+        _results[group] = rows
         for r in _results[group].values():
             _print_row(r)
     return _results[group][spec]

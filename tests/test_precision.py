@@ -49,14 +49,24 @@ def _group_of(spec: str) -> str:
     return next(g for g, specs in GROUPS.items() if spec in specs)
 
 
+_failed: dict[str, str] = {}  # group -> why its launch failed: reported by every test of the group, launched ONCE
+
+
 def results(spec: str) -> dict:
     group = _group_of(spec)
+    if group in _failed:
+        raise AssertionError(_failed[group])
     if group not in _results:
         pytest.importorskip("transformers")
-        proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=900)
-        _results[group] = {r["spec"]: r for r in tagged_json(proc.stdout, "PRECISION_CHECK")}
-        missing = set(GROUPS[group]) - set(_results[group])
-        assert not missing, f"no PRECISION_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+        try:
+            proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=900)
+            rows = {r["spec"]: r for r in tagged_json(proc.stdout, "PRECISION_CHECK")}
+            missing = set(GROUPS[group]) - set(rows)
+            assert not missing, f"no PRECISION_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+        except AssertionError as exc:
+            _failed[group] = str(exc)
+            raise
+        _results[group] = rows
         for r in _results[group].values():
             _print_row(r, _results[group])
     return _results[group][spec]
