@@ -41,7 +41,7 @@ class ModelConfig:
     d_model: int = _help("Hidden size; must be divisible by n_head.", default=128)
     d_ff: int = _help("MLP hidden size (0 = 4·d_model).", default=0)
     dropout: float = _help("Dropout on attention output, MLP output and embeddings.", default=0.1)
-    # Mixture of Experts (Switch Transformer on deepspeed.moe.layer.MoE; see mat_ds/moe.py)
+    # Mixture of Experts (Switch Transformer on deepspeed.moe.layer.MoE; see mat_ds/models/switch.py)
     moe_num_experts: int = _help("Experts per MoE layer (0 = dense MLPs everywhere). Top-1 (Switch) routing.",
                                  default=0)
     moe_layer_interval: int = _help("Every k-th block has an MoE MLP: blocks l with (l+1) % k == 0 (Switch: 2).",

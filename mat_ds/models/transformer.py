@@ -71,7 +71,7 @@ class Transformer(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
-        # One draw from the global RNG seeds every expert's own generator (mat_ds/moe.py): identical on every rank
+        # One draw from the global RNG seeds every expert's own generator (mat_ds/models/switch.py): identical on every rank
         # and for every ep_size. Drawn only for MoE models so dense models keep their initial weights.
         moe_seed = int(torch.randint(2**31 - 1, ())) if cfg.moe_num_experts else 0
         self.blocks = nn.ModuleList(Block(cfg, self.causal, i, moe_seed) for i in range(cfg.n_layer))
