@@ -87,20 +87,12 @@ class SwitchMLP(nn.Module):
             expert.init_weights(gen, cfg.n_layer)
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
-        self.routes: dict | None = None  # filled by the gate hook while probing (see record_routes)
 
     def local_experts(self) -> list[ExpertMLP]:
         return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
 
     def global_index(self, local: int) -> int:
         return self.ep_rank * self.num_local_experts + local
-
-    def expert_params(self) -> list[list[nn.Parameter]]:
-        """Global expert index -> its parameters on this rank ([] for experts another rank holds)."""
-        out: list[list[nn.Parameter]] = [[] for _ in range(self.num_experts)]
-        for i, expert in enumerate(self.local_experts()):
-            out[self.global_index(i)] = list(expert.parameters())
-        return out
 
     @property
     def gate(self):

@@ -106,11 +106,6 @@ class Transformer(nn.Module):
     def n_experts_total(self) -> int:
         return len(self.switch_layers()) * self.cfg.moe_num_experts
 
-    def expert_modules(self) -> list[list[nn.Parameter]]:
-        """Index ``moe_layer * num_experts + expert`` (global expert ids) -> its parameters on this rank ([] where
-        another expert-parallel rank holds the expert)."""
-        return [params for layer in self.switch_layers() for params in layer.expert_params()]
-
     def aux_loss(self) -> torch.Tensor | None:
         """Σ over Switch layers of the last forward's load-balancing loss (None for a dense model)."""
         losses = [layer.l_aux for layer in self.switch_layers() if layer.l_aux is not None]
