@@ -3,6 +3,8 @@
     python -m benchmarks.paper_table                       # small scale: 5 methods x 3 seeds, <= 30 min on 2 CPU cores
     python -m benchmarks.paper_table --full                # GPU scale (12L d768 12h BERT)
     python -m benchmarks.paper_table --report_only         # recompute docs/results.md + plots from existing runs
+    python -m benchmarks.paper_table --converge            # convergence regime: train past the best test loss
+    python -m benchmarks.paper_table --converge --sweep    # its α/β landscape and options (benchmarks/converge.py)
 
 (from the repository root; ``python benchmarks/paper_table.py`` works too).
 
@@ -181,7 +183,7 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
             "--out_dir", str(d), "--resume", "auto" if same else "never", *run_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    print(f"[paper_table] seed {seed} {method:9s} running ...", end=" ", flush=True)
+    print(f"[paper_table] seed {seed} {method:9s} running ...", flush=True)  # own line: runs may go side by side
     load_before, t0 = os.getloadavg()[0], time.perf_counter()
     with open(d / "launch.log", "w", encoding="utf-8") as log:
         log.write(shlex.join(cmd) + "\n")
@@ -190,7 +192,7 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     seconds = time.perf_counter() - t0
     if rc != 0:
         tail = (d / "launch.log").read_text(errors="replace").splitlines()[-15:]
-        print("FAILED\n" + "\n".join(tail), flush=True)
+        print(f"[paper_table] seed {seed} {method:9s} FAILED\n" + "\n".join(tail), flush=True)
         raise RuntimeError(f"{method} (seed {seed}) failed with exit status {rc}; see {d / 'launch.log'}")
     rows = read_rows(d / "metrics.jsonl")
     (d / "done.json").write_text(json.dumps({
@@ -200,7 +202,7 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     if not keep_checkpoints:
         shutil.rmtree(d / "checkpoints", ignore_errors=True)
     last = [r for r in rows if "val/loss" in r]
-    print(f"{seconds:6.1f} s, {rows[-1]['trainer/step'] if rows else 0} steps"
+    print(f"[paper_table] seed {seed} {method:9s} done: {seconds:6.1f} s, {rows[-1]['trainer/step'] if rows else 0} steps"
           + (f", final val {last[-1]['val/loss']:.4f}" if last else ""), flush=True)
     return rows
 
@@ -520,7 +522,7 @@ def write_results(results: Path, meta: dict, out: Path, runs: RunSet, per_seed: 
     for name, path in figures.items():
         md.append(f"![{name}]({os.path.relpath(path, results.parent)})\n")
     md += ["## What the numbers say\n", *[f"- {line}" for line in commentary(per_seed, summary, meta, load)], "",
-           "## Discussion\n", _kept_discussion(results)]
+           _kept_converge(results), "## Discussion\n", _kept_discussion(results)]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text("\n".join(line for line in md if line is not None) + "\n", encoding="utf-8")
     return table
@@ -534,8 +536,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--train_data", default=None, help=f"training text (default {DEFAULT_TRAIN}); any launcher form")
     p.add_argument("--test_data", default=None, help=f"test text (default {DEFAULT_TEST})")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="full always runs (it sets the budget); rand needs mat")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"small/full scale: from {list(METHODS)} (full always runs: it sets the budget; rand needs mat);"
+                        " --converge: from benchmarks/converge.py's TABLE_METHODS and sweep names")
+    p.add_argument("--converge", action="store_true",
+                   help="the convergence regime (benchmarks/converge.py): every method trains until its test loss has "
+                        "bottomed out (early stopping with --patience)")
+    p.add_argument("--sweep", action="store_true", help="--converge only: the α/β grid and the option runs")
+    p.add_argument("--jobs", type=int, default=2, help="--converge only: single-rank runs side by side")
+    p.add_argument("--patience", type=int, default=None, help="--converge only: evaluations without a new best test "
+                                                              "loss before a run stops (default 6)")
     p.add_argument("--full", action="store_true", help="GPU scale (12L d768 12h) instead of the small CPU scale")
     p.add_argument("--steps", type=int, default=None, help="override N (full's steps); evals/warm-ups scale with it")
     p.add_argument("--num_gpus", type=int, default=None, help="ranks per run (default: 2 small, all GPUs --full)")
@@ -544,7 +554,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--report_only", action="store_true", help="no launches: recompute the report from existing runs")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's final DeepSpeed checkpoint")
     args = p.parse_args(argv)
-    args.methods = ["full", *[m for m in METHODS[1:] if m in args.methods]]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.converge:
+        converge = _converge()
+        allowed = list(converge.TABLE_METHODS) + converge.sweep_methods()
+        default = (["full", *converge.sweep_methods()] if args.sweep else list(converge.TABLE_METHODS))
+        args.methods = args.methods or default
+        bad = [m for m in args.methods if m not in allowed]
+        if bad:
+            p.error(f"--methods {bad}: not converge methods ({allowed})")
+        if args.jobs < 1:
+            p.error("--jobs must be >= 1")
+        args.patience = converge.PATIENCE if args.patience is None else args.patience
+        if args.patience < 1:
+            p.error("--patience must be >= 1")
+        return args
+    if args.sweep or args.patience is not None:
+        p.error("--sweep and --patience need --converge")
+    bad = [m for m in (args.methods or []) if m not in METHODS]
+    if bad:
+        p.error(f"--methods {bad}: choose from {list(METHODS)}")
+    args.methods = ["full", *[m for m in METHODS[1:] if m in (args.methods or METHODS)]]
     return args
 
 
@@ -559,6 +589,8 @@ def _resolve_data(given: Optional[str], default: Path, what: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.converge:
+        return _converge().main(args)
     scale = FULL if args.full else SMALL
     if args.steps is not None:
         if args.steps < 3:
@@ -609,6 +641,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     print(f"[paper_table] wrote {results} and {', '.join(p.name for p in figures.values())}")
     return 0
+
+def _converge():
+    """benchmarks/converge.py (imported late: it imports this module)."""
+    try:
+        from benchmarks import converge
+    except ImportError:  # python benchmarks/paper_table.py
+        import converge  # type: ignore[no-redef]
+    return converge
+
+
+def _kept_converge(results: Path) -> str:
+    """The converge section (written by benchmarks/converge.py between its markers) survives a small-scale report."""
+    begin, end = "<!-- converge:begin -->", "<!-- converge:end -->"
+    text = results.read_text(encoding="utf-8") if results.is_file() else ""
+    if begin not in text or end not in text:
+        return ""
+    return begin + text.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+
 
 def _kept_discussion(results: Path) -> str:
     """The human-written ``## Discussion`` of an existing results file survives a regeneration (else a placeholder)."""

@@ -51,6 +51,20 @@ import mat_ds
 FAMILIES = ("bert", "gpt2", "llama")
 
 
+def accel_device() -> torch.device:
+    """Where the single-process section runs: the launched rank's accelerator (DeepSpeed's choice), else CUDA if
+    present, else CPU. On a GPU every timing below is taken after a device synchronize."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(get_accelerator().current_device_name()) if name != "cpu" else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models and batches
 # ----------------------------------------------------------------------------------------------------------------------
@@ -119,7 +133,8 @@ def bench_engines(args, rank: int, world: int) -> dict:
         init = deepspeed.initialize if ENGINES[name] is None else mat_ds.initialize
         engines[name], _, _, _ = init(model=model, model_parameters=model.parameters(),
                                       config=ds_config(args, ENGINES[name]))
-    batches = make_batches("bert", args, rank)
+    device = next(iter(engines.values())).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches("bert", args, rank)]
     tokens = args.steps * args.micro * args.seq * world  # per block, all ranks
     rates: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}
@@ -128,6 +143,7 @@ def bench_engines(args, rank: int, world: int) -> dict:
         order = list(engines) if rnd % 2 == 0 else list(reversed(engines))
         for name in order:
             engine = engines[name]
+            sync(device)
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
@@ -135,6 +151,7 @@ def bench_engines(args, rank: int, world: int) -> dict:
                 engine.backward(loss)
                 engine.step()
                 i += 1
+            sync(device)
             dist.barrier()
             wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             if rnd >= args.warmup_rounds:
@@ -168,11 +185,12 @@ def fwd_bwd(model: torch.nn.Module, batch: dict) -> None:
         p.grad = None
 
 
-def bench_conversion(family: str, args, rank: int) -> dict:
+def bench_conversion(family: str, args, rank: int, device: torch.device) -> dict:
     plain = make_model(family, args)
     conv = copy.deepcopy(plain)
     conversion = mat_ds.convert_model(conv)
-    batches = make_batches(family, args, rank)
+    plain.to(device), conv.to(device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(family, args, rank)]
     with torch.no_grad():  # the conversion must not change the function
         plain.eval(), conv.eval()
         diff = float((plain(input_ids=batches[0]["input_ids"]).logits
@@ -185,8 +203,10 @@ def bench_conversion(family: str, args, rank: int) -> dict:
         order = ("unconverted", "converted") if j % 2 == 0 else ("converted", "unconverted")
         for name in order:
             torch.manual_seed(j)  # the same dropout masks for both
+            sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fwd_bwd(models[name], batches[j % len(batches)])
+            sync(device)
             w, c = time.perf_counter() - t0, time.process_time() - c0
             if j >= args.single_warmup:
                 wall[name].append(w)
@@ -311,14 +331,16 @@ def main() -> None:
     if launched and args.engines:
         result.update(bench_engines(args, rank, world))
         result["steps_per_block"], result["rounds"] = args.steps, args.rounds
-    single = {family: bench_conversion(family, args, rank) for family in args.families}
+    device = accel_device() if launched else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    single = {family: bench_conversion(family, args, rank, device) for family in args.families}
     if launched and world > 1:  # every rank measured the same thing: its spread says how noisy the machine was
         gathered: list = [None] * world
         dist.all_gather_object(gathered, {f: v["ratio"] for f, v in single.items()})
         for family in single:
             single[family]["ratio_per_rank"] = [g[family] for g in gathered]
     result["single_process"] = single
-    if args.layer_reps:
+    if args.layer_reps and device.type == "cpu":  # a CPU-time measurement: meaningless for GPU kernels
         result["layers"] = bench_layers(args)
     result["load_avg_after"] = round(os.getloadavg()[0], 2)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -335,7 +357,7 @@ def main() -> None:
 def report(r: dict) -> str:
     m = r["model"]
     lines = [f"wrapper overhead: BERT/GPT-2/LLaMA d{m['hidden']} {m['layers']}L {m['heads']}H T{m['seq']} "
-             f"micro {m['micro']} vocab {m['vocab']}, {r['world_size']} rank(s) x {r['threads_per_process']} "
+             f"micro {m['micro']} vocab {m['vocab']}, on {r.get('device', 'cpu')}, {r['world_size']} rank(s) x {r['threads_per_process']} "
              f"thread(s), load avg {r['load_avg_before']} -> {r['load_avg_after']}, {r['seconds']} s"]
     if "engines" in r:
         lines += ["", "| engine (ZeRO-2, BERT MLM) | tokens/s (median) | ratio vs plain (paired median) | range | "

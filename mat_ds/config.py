@@ -144,12 +144,15 @@ class RunConfig:
                              default=False)
     flops_budget: float = _help("Stop once cumulative FLOPs (training + probe) reach this (0 = no budget); "
                                 "train_steps stays a cap.", default=0.0)
+    patience: int = _help("Stop after this many consecutive evaluations without a new lowest test loss (validation "
+                          "loss without test data); 0 = off. train_steps stays a cap.", default=0)
 
     def __post_init__(self) -> None:
         _check_int("train_steps", self.train_steps, 1)
-        for name in ("eval_interval", "eval_batches", "save_interval"):
+        for name in ("eval_interval", "eval_batches", "save_interval", "patience"):
             _check_int(name, getattr(self, name), 0)
         _check_int("log_interval", self.log_interval, 1)
+        _check(not self.patience or self.eval_interval > 0, "patience needs eval_interval > 0 (it counts evaluations)")
         _check(self.flops_budget >= 0, f"flops_budget={self.flops_budget} must be >= 0")
         _check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         _check(self.resume.strip() != "", "resume must be 'auto', 'never' or a checkpoint tag")

@@ -50,6 +50,8 @@ class Progress:
     tokens: int = 0
     train_seconds: float = 0.0  # wall-clock in the training loop (including refreshes)
     refresh_seconds: float = 0.0  # wall-clock spent in mNTK refreshes + policy decisions
+    best_eval: float = float("inf")  # lowest monitored evaluation loss so far (RunConfig.patience)
+    evals_since_best: int = 0  # evaluations since that best
 
 
 def _seed_step(seed: int, step: int, micro_index: int) -> None:
@@ -196,7 +198,7 @@ class Trainer:
         if p.step >= run.train_steps and self.is_main:
             print(f"[mat_ds] checkpoint is already at step {p.step} >= train_steps={run.train_steps}; nothing to do")
         last_val = float("nan")
-        while p.step < run.train_steps and not self._budget_spent():
+        while p.step < run.train_steps and not self._budget_spent() and not self._patience_spent():
             step = p.step
             t0 = time.perf_counter()
             refresh_before = self.mat.refresh_seconds_total if self.mat else 0.0
@@ -264,6 +266,8 @@ class Trainer:
                 metrics.update({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
                 if self.data.test is not None:
                     metrics["test/loss"] = self.evaluate(self.data.test, run.eval_batches)
+                self._track_best(metrics.get("test/loss", last_val))
+                last_step = last_step or self._patience_spent()
             self.tracker.log(p.step, metrics)
             self._log_heatmap(step, metrics)
             if self.is_main and (p.step % run.log_interval == 0 or p.step == run.train_steps):
@@ -319,6 +323,18 @@ class Trainer:
         L, H = len(self.mat.units.attention_layers), self.mat.units.heads_per_layer
         lam = torch.tensor([metrics[f"mat/lambda_max/{u.name}"] for u in self.mat.units.heads]).view(L, H)
         self.tracker.log_heads(step, lam, self.mat.frozen_mask("heads").view(L, H))
+
+    def _track_best(self, loss: float) -> None:
+        """Early stopping's bookkeeping: the test loss when there is test data (the paper's "best test loss" regime:
+        train until it has bottomed out), else the validation loss."""
+        p = self.progress
+        if loss < p.best_eval:
+            p.best_eval, p.evals_since_best = loss, 0
+        else:
+            p.evals_since_best += 1
+
+    def _patience_spent(self) -> bool:
+        return bool(self.run_cfg.patience) and self.progress.evals_since_best >= self.run_cfg.patience
 
     def _budget_spent(self) -> bool:
         budget = self.run_cfg.flops_budget

@@ -239,3 +239,21 @@ def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, varian
         assert [rows[s]["mat/active_experts"] for s in range(1, 41)] == \
             [reference[s]["mat/active_experts"] for s in range(1, 41)]
         assert min(rows[s]["mat/active_experts"] for s in range(1, 41)) < 4
+
+
+def test_patience_stops_when_the_test_loss_stops_improving(tmp_path):
+    """Early stopping (the converge benchmark's stop rule): with lr 0 the test loss never beats its first value, so a
+    run with --patience 2 stops after the third evaluation instead of running to train_steps."""
+    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg["mat"] = {"policy": "full"}
+    cfg["optimizer"]["params"]["lr"] = 0.0
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.0,
+                                                       "warmup_num_steps": 1}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    train(tmp_path, str(path), "es", "--train_steps", "50", "--eval_interval", "2", "--patience", "2",
+          "--test_data", "default", num_gpus=1)
+    rows = metrics(tmp_path, "es")
+    tests = [r["test/loss"] for r in rows if "test/loss" in r]
+    assert max(r["trainer/step"] for r in rows) == 6 and len(tests) == 3
+    assert tests[0] == tests[1] == tests[2]  # nothing moved: no new best after the first evaluation

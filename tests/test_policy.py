@@ -119,3 +119,35 @@ def test_raptr_and_multirate_config_checks():
         MATConfig(policy="multirate", multirate_k=1)
     with pytest.raises(ConfigError, match="only used with"):
         MATConfig(policy="mat", multirate_k=3)
+
+
+def test_layer_threshold_scope_keeps_each_layers_best_units():
+    # Two layers of 3 units; layer 1's λ are all far below layer 0's.
+    values = lam(10, 20, 30, 1, 2, 3)
+    groups = [0, 0, 0, 1, 1, 1]
+    glob = MATPolicy(MATConfig(alpha=0.5, beta=0.0, warmup_steps=0), 6, 2, groups)
+    layer = MATPolicy(MATConfig(alpha=0.5, beta=0.0, warmup_steps=0, threshold_scope="layer"), 6, 2, groups)
+    # global: λ_α = 1 + 29·0.5 = 15.5 -> unit 0 and all of layer 1 frozen.
+    assert glob.update(0, values).tolist() == [True, False, False, True, True, True]
+    # per layer: λ_α = 20 (layer 0) and 2 (layer 1) -> the lowest two of each layer frozen.
+    assert layer.update(0, values).tolist() == [True, True, False, True, True, False]
+
+
+def test_min_active_fraction_floor_reactivates_highest_lambda():
+    cfg = dict(alpha=1.0, beta=0.0, warmup_steps=0)  # alpha 1: every unit is at or below λ_α -> all frozen
+    assert MATPolicy(MATConfig(**cfg), 4).update(0, lam(4, 1, 3, 2)).tolist() == [True] * 4
+    floor = MATPolicy(MATConfig(**cfg, min_active_fraction=0.5), 4)
+    assert floor.update(0, lam(4, 1, 3, 2)).tolist() == [False, True, False, True]  # the two highest λ train
+    # ceil: 0.3 of 4 units -> 2 must train; already-active units count toward the floor.
+    assert MATPolicy.apply_floor(torch.tensor([True, False, True, True]), lam(1, 2, 3, 4), 0.3).tolist() == \
+        [True, False, True, False]
+    assert MATPolicy.apply_floor(torch.tensor([False, False, True]), lam(1, 2, 3), 0.5).tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("block,match", [({"threshold_scope": "head"}, "threshold_scope"),
+                                         ({"min_active_fraction": 1.5}, "min_active_fraction")])
+def test_new_policy_options_are_checked(block, match):
+    from mat_ds.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        MATConfig(**block)

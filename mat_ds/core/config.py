@@ -62,7 +62,11 @@ class MATConfig:
     * refresh: λmax recomputed every ``refresh_interval`` optimizer steps (step 0 included); decisions hold in between;
     * warm-up: nothing is frozen before ``warmup_steps`` (λmax is still measured, to build the Δ history);
     * re-activation: with ``reactivate`` the frozen set is recomputed from scratch at each refresh, so a frozen head
-      whose λmax rises above the threshold (or starts moving again) trains again; without it freezing is permanent.
+      whose λmax rises above the threshold (or starts moving again) trains again; without it freezing is permanent;
+    * threshold scope: λ_α over all units of a kind in the model (``threshold_scope="global"``, the paper's reading)
+      or within each layer (``"layer"``: every layer keeps its own best units, so no layer is frozen wholesale);
+    * floor: the paper lets every unit freeze (``min_active_fraction=0``); a floor keeps at least that share of each
+      kind's units training, the highest-λmax frozen ones re-activated first.
     """
 
     enabled: bool = _help("Turn MAT (or the chosen baseline policy) on.", default=True)
@@ -84,6 +88,11 @@ class MATConfig:
     probe_memory_mb: int = _help("Memory bound for one layer's Gram work in a refresh (MiB); a probe that cannot fit "
                                  "is a one-line error at start-up.", default=2048)
     reactivate: bool = _help("Recompute the frozen set at every refresh (frozen heads can come back).", default=True)
+    threshold_scope: str = _help("Where λ_α = λmin + (λmax-λmin)·alpha is computed: 'global' (over all units of a kind, "
+                                 "the paper) or 'layer' (over each layer's units separately).", default="global")
+    min_active_fraction: float = _help("Policy 'mat': at least ceil(fraction·units) units of each kind keep training "
+                                       "after warm-up (the highest-λmax frozen ones are re-activated). 0 = all may "
+                                       "freeze (the paper). In [0, 1].", default=0.0)
     rand_active_fraction: Optional[float] = _help(
         "Policy 'rand' only: fraction of heads trained after warm-up, chosen uniformly at random at each refresh.",
         default=None)
@@ -119,6 +128,8 @@ class MATConfig:
                and all(m in MODULE_KINDS for m in self.modules) and len(set(self.modules)) == len(self.modules),
                f"mat.modules={self.modules!r} must be a non-empty list of distinct kinds from {list(MODULE_KINDS)}")
         _check(isinstance(self.reactivate, bool), f"mat.reactivate={self.reactivate!r} must be true or false")
+        _check_choice("mat.threshold_scope", self.threshold_scope, ("global", "layer"))
+        _check_unit("mat.min_active_fraction", self.min_active_fraction)
         if self.policy == "rand":
             _check(self.rand_active_fraction is not None, "mat.policy='rand' needs mat.rand_active_fraction in (0, 1]")
             _check_unit("mat.rand_active_fraction", self.rand_active_fraction, lo_open=True)

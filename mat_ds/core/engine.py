@@ -158,7 +158,9 @@ class MATController:
         for kind in ("heads", "experts"):
             n = len(units.of_kind(kind))
             selects = kind in cfg.modules and n > 0 and not (kind == "experts" and cfg.policy == "raptr")
-            self.policies[kind] = make_policy(cfg, n, self.n_layers) if selects else Policy(cfg, n, self.n_layers)
+            groups = [u.layer for u in units.of_kind(kind)]
+            self.policies[kind] = (make_policy(cfg, n, self.n_layers, groups) if selects
+                                   else Policy(cfg, n, self.n_layers, groups))
         self.skipped = torch.zeros(self.n_layers, dtype=torch.bool)
         self.probe = ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module)) if cfg.needs_probe else None
         if self.probe is not None and self.probe.ready:

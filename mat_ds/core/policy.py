@@ -7,12 +7,15 @@ every rank applies the same decision (a mismatch would abort/hang the gradient c
 MAT (Sec. 4 of the paper), with the choices the paper leaves open made explicit:
 
 * modular policy: λ_α = λ_min + (λ_max − λ_min)·α over ALL heads of the model; a head trains only if λmax > λ_α.
-  (If every head has the same λmax the threshold is meaningless and nobody is frozen by it.)
+  (If every head has the same λmax the threshold is meaningless and nobody is frozen by it.) With
+  ``threshold_scope="layer"`` the same rule runs within each layer's units (``groups``: the layer of each unit).
 * temporal policy: Δ_t = |λmax_t − λmax_{t−1}| between consecutive refreshes; Δ_1 is a head's FIRST measured change
   (from step 0 to the first refresh), the paper's reference. A head with Δ_t/Δ_1 < β has converged and is frozen.
 * warm-up: before ``warmup_steps`` nothing is frozen; λmax is still measured so Δ_1 exists when freezing starts.
 * re-activation: with ``reactivate`` (default) the frozen set is recomputed at each refresh (frozen heads' λmax keeps
   moving as the rest of the network trains, so they can come back); otherwise a frozen head stays frozen.
+* floor: ``min_active_fraction`` > 0 keeps at least ceil(fraction·M) units training; the frozen units with the highest
+  λmax come back first. Applied last, so it overrides both thresholds and ``reactivate``.
 
 Baselines on the same code path: ``full``; ``rand`` (the paper's MAT-Rand: random heads at a given active fraction);
 ``multirate`` (Vlaar & Leimkuhler 2022, reduced to what freezing expresses: a fixed random half of the heads is "slow"
@@ -22,6 +25,7 @@ cost nothing). Only ``raptr`` skips layers (``skipped_layers``); the others free
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,8 +40,12 @@ class Policy:
 
     name = "full"
 
-    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None):
         self.cfg, self.n_modules, self.n_layers = cfg, n_modules, n_layers
+        # The layer of each unit (threshold_scope="layer"); one group for all when not given.
+        self.groups = torch.tensor(groups if groups is not None else [0] * n_modules, dtype=torch.long)
+        if self.groups.numel() != n_modules:
+            raise ValueError(f"groups has {self.groups.numel()} entries for {n_modules} units")
         self.frozen = torch.zeros(n_modules, dtype=torch.bool)
         self.history: list[tuple[int, list[float]]] = []  # (step, λmax per module) at every refresh
 
@@ -73,8 +81,8 @@ class Policy:
 class MATPolicy(Policy):
     name = "mat"
 
-    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
-        super().__init__(cfg, n_modules, n_layers)
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None):
+        super().__init__(cfg, n_modules, n_layers, groups)
         self.prev: Optional[torch.Tensor] = None  # λmax at the previous refresh
         self.delta1: Optional[torch.Tensor] = None  # first measured |Δλmax| per module (the temporal reference)
         self.ratio: Optional[torch.Tensor] = None  # Δ_t / Δ_1 at the last refresh (logged)
@@ -90,11 +98,29 @@ class MATPolicy(Policy):
         self.prev = lam.clone()
         if step < self.cfg.warmup_steps:
             return torch.zeros(self.n_modules, dtype=torch.bool)
-        frozen = self.modular_frozen(lam, self.cfg.alpha)
+        if self.cfg.threshold_scope == "layer":
+            frozen = torch.zeros(self.n_modules, dtype=torch.bool)
+            for g in self.groups.unique():
+                sel = self.groups == g
+                frozen[sel] = self.modular_frozen(lam[sel], self.cfg.alpha)
+        else:
+            frozen = self.modular_frozen(lam, self.cfg.alpha)
         if self.ratio is not None:
             frozen |= self.ratio < self.cfg.beta
         if not self.cfg.reactivate:
             frozen |= self.frozen
+        return self.apply_floor(frozen, lam, self.cfg.min_active_fraction)
+
+    @staticmethod
+    def apply_floor(frozen: torch.Tensor, lam: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Re-activate the highest-λmax frozen units until ceil(fraction·M) train (ties: lower index first)."""
+        need = math.ceil(fraction * frozen.numel() - 1e-9) - int((~frozen).sum())
+        if fraction <= 0 or need <= 0:
+            return frozen
+        frozen = frozen.clone()
+        idx = torch.nonzero(frozen).flatten()
+        order = torch.argsort(-lam[idx], stable=True)
+        frozen[idx[order[:need]]] = False
         return frozen
 
     @staticmethod
@@ -138,8 +164,8 @@ class MultiratePolicy(Policy):
 
     name = "multirate"
 
-    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1):
-        super().__init__(cfg, n_modules, n_layers)
+    def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None):
+        super().__init__(cfg, n_modules, n_layers, groups)
         gen = torch.Generator().manual_seed(cfg.seed)
         n_slow = max(1, round(cfg.multirate_slow_fraction * n_modules))
         self.slow = torch.zeros(n_modules, dtype=torch.bool)
@@ -180,8 +206,9 @@ class RaPTrPolicy(Policy):
         return skipped
 
 
-def make_policy(cfg: MATConfig, n_modules: int, n_layers: int = 1) -> Policy:
+def make_policy(cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None) -> Policy:
+    """The policy for one unit kind; ``groups`` is each unit's layer (used by ``threshold_scope="layer"``)."""
     if not cfg.freezes:
-        return Policy(cfg, n_modules, n_layers)
+        return Policy(cfg, n_modules, n_layers, groups)
     cls = {"mat": MATPolicy, "rand": RandPolicy, "multirate": MultiratePolicy, "raptr": RaPTrPolicy}[cfg.policy]
-    return cls(cfg, n_modules, n_layers)
+    return cls(cfg, n_modules, n_layers, groups)

@@ -1,0 +1,470 @@
+"""The convergence (overfitting) regime of the paper's Table 1: does MAT reach a BETTER best test loss, and with fewer
+FLOPs to get there, when every method trains until its test loss has bottomed out and risen again?
+
+    python -m benchmarks.paper_table --converge                      # the table: 7 methods x 3 seeds
+    python -m benchmarks.paper_table --converge --sweep --seeds 1    # the α/β landscape and the open-choice options
+    python -m benchmarks.paper_table --converge --report_only        # redraw docs/results.md's converge section
+
+Scale: a small BERT (4 layers x 4 heads, d=128, seq 64, vocab 2048) on WikiText-2 (train on valid.txt, test on
+test.txt; the embedded corpus IS valid.txt, byte for byte, so ``--train_data default`` trains on the same text). Each
+run is one launch of the real launcher with ONE rank (``--jobs`` runs go side by side, each with cores/jobs threads:
+on 2 cores two single-rank runs keep both busy without gloo's per-step synchronisation) and stops by early stopping:
+``--patience`` evaluations without a new best test loss (capped at ``steps``), so every method runs well past its
+own best. Nothing else differs between methods but the ``"mat"`` block (and, for Switch, the MoE flags).
+
+Methods: ``full``, ``mat`` (α 0.1, β 0.05, the defaults), ``rand`` (random heads at the active fraction MAT chose with
+the same seed), ``multirate``, ``raptr`` (stages in thirds of full's run length), and a Switch-MoE variant of the same
+model (4 experts in every 2nd block) trained ``switch_full`` and ``switch_mat`` (MAT on heads and experts). The sweep
+adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
+``mat_logit_sum`` (probe output = sum of logits), ``mat_layer`` (per-layer threshold), ``mat_floor`` (at least 25 % of
+heads always train).
+
+Reported per method (mean ± std over seeds; paired differences per seed): best test loss and its paired difference
+vs full; FLOPs and training wall-clock to reach full's best test loss (ratios to full's at its best; "not reached"
+when never); FLOPs to the method's own best (ratio); the step of the best; steps run; the mean active fraction per
+quarter of the run. Switch rows are compared with ``switch_full``. Runs are resumable: a finished run (``done.json``,
+same spec) is skipped, an interrupted one resumes from its last checkpoint (every ``save_interval`` steps).
+The report math (``converge_metrics``, ``sweep_grid``) is pure and unit-tested (tests/test_converge_report.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+try:
+    from benchmarks import paper_table as pt
+    from benchmarks import plots
+except ImportError:  # python benchmarks/paper_table.py
+    import paper_table as pt  # type: ignore[no-redef]
+    import plots  # type: ignore[no-redef]
+
+# Sized on 2 CPU cores (README of benchmarks): ~0.25 s/step for one single-rank run with one thread; full's test loss
+# bottoms out after ~N_best steps and patience adds 6 evaluations (600 steps) past it.
+CONVERGE = pt.Scale("converge", n_layer=4, n_head=4, d_model=128, seq_len=64, vocab_size=2048, micro_batch=32,
+                    lr=2e-3, lr_warmup=100, steps=8000, eval_interval=100, eval_batches=8, mat_warmup=200,
+                    refresh_interval=50, save_interval=500, num_gpus=1)
+PATIENCE = 6
+SWITCH_FLAGS = ["--moe_num_experts", "4", "--moe_layer_interval", "2"]
+
+TABLE_METHODS = ("full", "mat", "rand", "multirate", "raptr", "switch_full", "switch_mat")
+SWEEP_ALPHAS = (0.05, 0.1, 0.3, 0.5)
+SWEEP_BETAS = (0.0, 0.05, 0.2)
+SWEEP_OPTIONS = {"mat_logit_sum": {"probe_output": "logit_sum"}, "mat_layer": {"threshold_scope": "layer"},
+                 "mat_floor": {"min_active_fraction": 0.25}}
+MARK_BEGIN, MARK_END = "<!-- converge:begin -->", "<!-- converge:end -->"
+
+
+def sweep_name(alpha: float, beta: float) -> str:
+    return f"mat_a{alpha:g}_b{beta:g}"
+
+
+def sweep_methods() -> list[str]:
+    return [sweep_name(a, b) for a in SWEEP_ALPHAS for b in SWEEP_BETAS] + list(SWEEP_OPTIONS)
+
+
+def reference_of(method: str) -> str:
+    """The run a method's FLOPs-to-target and paired differences are measured against."""
+    return "switch_full" if method.startswith("switch") else "full"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report math (pure, on rows)
+# ----------------------------------------------------------------------------------------------------------------------
+def converge_metrics(rows: list[dict], ref_rows: list[dict]) -> dict[str, float]:
+    """One run against its reference (``full`` of the same seed): best test loss and where it happened; FLOPs and
+    seconds to reach the reference's best test loss, divided by the reference's at its best; the active fraction."""
+    c, ref = plots.eval_curve(rows), plots.eval_curve(ref_rows)
+    nan = float("nan")
+    if not np.isfinite(c["test"]).any() or not np.isfinite(ref["test"]).any():
+        raise ValueError("converge_metrics needs test/loss at the evaluations (run with --test_data)")
+    i_best = int(np.nanargmin(c["test"]))
+    target = float(np.nanmin(ref["test"]))
+    i_ref = int(np.nanargmin(ref["test"]))
+    hits = np.nonzero(c["test"] <= target)[0]
+    i = int(hits[0]) if len(hits) else None
+    train = [r for r in rows if "perf/flops_cumulative" in r]
+    steps = float(train[-1]["trainer/step"]) if train else nan
+    active = [(r["trainer/step"], r.get("mat/active_fraction", 1.0)) for r in train]
+    quarters = []
+    for k in range(4):  # mean active fraction in each quarter of the run's steps
+        lo, hi = steps * k / 4, steps * (k + 1) / 4
+        vals = [a for s, a in active if lo < s <= hi]
+        quarters.append(float(np.mean(vals)) if vals else nan)
+    return {
+        "best_test": float(c["test"][i_best]),
+        "best_step": float(c["step"][i_best]),
+        "target": target,
+        "reach_flops": nan if i is None else float(c["flops"][i] / ref["flops"][i_ref]),
+        "reach_seconds": nan if i is None else float(c["seconds"][i] / ref["seconds"][i_ref]),
+        "best_flops": float(c["flops"][i_best] / ref["flops"][i_ref]),
+        "steps": steps,
+        "past_best": float((c["step"][-1] - c["step"][i_best]) / max(c["step"][i_best], 1.0)),
+        "active": float(np.mean([a for _, a in active])) if active else nan,
+        **{f"active_q{k + 1}": v for k, v in enumerate(quarters)},
+    }
+
+
+def per_seed(runs: dict[int, dict[str, list[dict]]]) -> dict[str, dict[int, dict[str, float]]]:
+    """{method: {seed: converge_metrics}} for every run whose seed has its reference run."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for seed, per in runs.items():
+        for method, rows in per.items():
+            ref = reference_of(method)
+            if ref in per:
+                out.setdefault(method, {})[seed] = converge_metrics(rows, per[ref])
+    return out
+
+
+def sweep_grid(ps: dict[str, dict[int, dict[str, float]]], col: str) -> np.ndarray:
+    """[α, β] grid of the seed-mean of ``col`` over the sweep's mat_a*_b* runs (NaN where none ran)."""
+    grid = np.full((len(SWEEP_ALPHAS), len(SWEEP_BETAS)), np.nan)
+    for i, a in enumerate(SWEEP_ALPHAS):
+        for j, b in enumerate(SWEEP_BETAS):
+            vals = [v[col] for v in ps.get(sweep_name(a, b), {}).values() if np.isfinite(v[col])]
+            if vals:
+                grid[i, j] = float(np.mean(vals))
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs: blocks, flags, and a small dependency-aware pool
+# ----------------------------------------------------------------------------------------------------------------------
+def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
+    """The ``"mat"`` block of one converge method (rand and raptr read the same seed's mat / full run)."""
+    base = {"warmup_steps": scale.mat_warmup, "refresh_interval": scale.refresh_interval,
+            "probe_samples": scale.probe_samples, "seed": seed, "log_heatmap_interval": 0}
+    if method in ("full", "switch_full"):
+        return {"policy": "full"}
+    if method in ("mat", "switch_mat"):
+        return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base}
+    m = re.fullmatch(r"mat_a([0-9.]+)_b([0-9.]+)", method)
+    if m:
+        return {"policy": "mat", "alpha": float(m.group(1)), "beta": float(m.group(2)), **base}
+    if method in SWEEP_OPTIONS:
+        return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base, **SWEEP_OPTIONS[method]}
+    if method == "rand":
+        mat_rows = plots.read_rows(plots.run_dir(out, seed, "mat") / "metrics.jsonl")
+        return pt.mat_block("rand", scale, seed, 0, pt.mat_active_fraction(mat_rows, scale.mat_warmup))
+    if method == "raptr":
+        full_rows = plots.read_rows(plots.run_dir(out, seed, "full") / "metrics.jsonl")
+        return pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)
+    if method == "multirate":
+        return pt.mat_block("multirate", scale, seed, 0, None)
+    raise ValueError(f"unknown converge method {method!r}")
+
+
+def depends_on(method: str) -> list[str]:
+    return {"rand": ["mat"], "raptr": ["full"]}.get(method, [])
+
+
+def run_pool(tasks: list[tuple[int, str]], run_one: Callable[[int, str], None], done: Callable[[int, str], bool],
+             jobs: int) -> list[str]:
+    """Run (seed, method) tasks, at most ``jobs`` at once, each only after its dependencies of the same seed finished.
+    Returns the errors (a failed task's dependents are skipped, the rest go on)."""
+    pending, running, failed, errors = list(tasks), set(), set(), []
+    lock = threading.Condition()
+
+    def work(task: tuple[int, str]) -> None:
+        try:
+            run_one(*task)
+        except Exception as exc:  # noqa: BLE001 - reported, the others go on
+            with lock:
+                failed.add(task)
+                errors.append(f"seed {task[0]} {task[1]}: {exc}")
+        with lock:
+            running.discard(task)
+            lock.notify_all()
+
+    with lock:
+        while pending or running:
+            ready = [t for t in pending if all(done(t[0], d) for d in depends_on(t[1]))]
+            blocked = [t for t in pending if any((t[0], d) in failed for d in depends_on(t[1]))]
+            for t in blocked:
+                pending.remove(t)
+                errors.append(f"seed {t[0]} {t[1]}: skipped, a run it needs failed")
+            if ready and len(running) < jobs:
+                task = ready[0]
+                pending.remove(task)
+                running.add(task)
+                threading.Thread(target=work, args=(task,), daemon=True).start()
+                continue
+            if not running and pending and not ready:
+                errors += [f"seed {t[0]} {t[1]}: its dependencies are not in this invocation" for t in pending]
+                break
+            lock.wait(timeout=5)
+    return errors
+
+
+def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
+    methods = list(args.methods)
+    common = ["--train_data", args.train_data, "--test_data", args.test_data, "--cache_dir", str(out / "cache"),
+              "--eval_interval", str(scale.eval_interval), "--eval_batches", str(scale.eval_batches),
+              "--log_interval", "100", "--wandb_mode", "offline", "--save_interval", str(scale.save_interval),
+              "--patience", str(args.patience), "--train_steps", str(scale.steps), *scale.model_flags()]
+    # One single-rank run per job: split the cores between the jobs (the trainer honours OMP_NUM_THREADS).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.jobs, 1))))
+
+    def run_one(seed: int, method: str) -> None:
+        cfg = pt.ds_config(method_block(method, scale, seed, out), scale)
+        flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
+        pt.ensure_run(out, seed, method, cfg, flags, scale, args.keep_checkpoints)
+
+    def done(seed: int, method: str) -> bool:
+        return plots.is_complete(plots.run_dir(out, seed, method))
+
+    # seeds interleaved so that a partial invocation leaves whole seeds' worth of the early methods
+    tasks = [(s, m) for m in methods for s in args.seeds]
+    return run_pool(tasks, run_one, done, args.jobs)
+
+
+def load(out: Path, seeds: list[int], methods: list[str]) -> dict[int, dict[str, list[dict]]]:
+    runs: dict[int, dict[str, list[dict]]] = {}
+    for s in seeds:
+        for m in methods:
+            d = plots.run_dir(out, s, m)
+            if plots.is_complete(d):
+                runs.setdefault(s, {})[m] = plots.read_rows(d / "metrics.jsonl")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------------
+CONVERGE_COLORS = {**plots.COLORS, "switch_full": "tab:gray", "switch_mat": "tab:orange"}
+
+
+def plot_test_vs_flops(runs: dict, methods: list[str], path: Path) -> Path:
+    """Test loss against cumulative FLOPs, one colour per method, one line per seed; dots mark each run's best."""
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in methods:
+        color = CONVERGE_COLORS.get(method)
+        first = True
+        for seed, per in runs.items():
+            if method not in per:
+                continue
+            c = plots.eval_curve(per[method])
+            ok = np.isfinite(c["test"])
+            ax.plot(c["flops"][ok], c["test"][ok], color=color, lw=0.9, alpha=0.7, label=method if first else None)
+            i = int(np.nanargmin(c["test"]))
+            ax.plot(c["flops"][i], c["test"][i], "o", color=color, ms=4)
+            first = False
+    ax.set_xlabel("cumulative FLOPs (training + mNTK probe)")
+    ax.set_ylabel("test loss (WikiText-2 test.txt)")
+    ax.set_title("Convergence regime: test loss until past each run's best (dot)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_active_over_time(runs: dict, methods: list[str], path: Path) -> Path:
+    """Share of units trained per step (moving average over 50 steps), first seed of each method."""
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for method in methods:
+        per = next((p for p in runs.values() if method in p), None)
+        if per is None:
+            continue
+        steps, act = plots.series(per[method], "mat/active_fraction")
+        if not len(steps):
+            continue
+        k = min(50, len(act))
+        smooth = np.convolve(act, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, color=CONVERGE_COLORS.get(method), lw=1.2, label=method)
+    ax.set_xlabel("step")
+    ax.set_ylabel("active fraction (50-step mean)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}") -> Path:
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(SWEEP_BETAS)), [f"β={b:g}" for b in SWEEP_BETAS])
+    ax.set_yticks(range(len(SWEEP_ALPHAS)), [f"α={a:g}" for a in SWEEP_ALPHAS])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, "—" if not np.isfinite(grid[i, j]) else fmt.format(grid[i, j]), ha="center", va="center",
+                    color="white", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plots.plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report: a section of docs/results.md between two markers
+# ----------------------------------------------------------------------------------------------------------------------
+def _f(agg: "pt.Agg", digits: int = 3, missing: str = "n/a") -> str:
+    return agg.fmt(digits, missing=missing)
+
+
+def table(ps: dict, methods: list[str]) -> str:
+    cols = ["method (vs)", "seeds", "best test loss", "Δ best test vs ref (paired)", "FLOPs to ref's best (×)",
+            "time to ref's best (×)", "FLOPs to own best (×ref's)", "step of best", "steps run",
+            "active frac. by quarter of the run"]
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for m in methods:
+        if m not in ps:
+            continue
+        seeds = ps[m]
+        agg = {k: pt.Agg.of([v[k] for v in seeds.values()]) for k in next(iter(seeds.values()))}
+        ref = reference_of(m)
+        diff = pt.paired_diff(ps, m, ref, "best_test") if m != ref else None
+        quarters = " / ".join("—" if agg[f"active_q{k}"].n == 0 else f"{agg[f'active_q{k}'].mean:.2f}"
+                              for k in range(1, 5))
+        lines.append(f"| {m} ({ref}) | {len(seeds)} | {_f(agg['best_test'])} | "
+                     f"{'—' if diff is None else _f(diff)} | {_f(agg['reach_flops'], 2, 'not reached')} | "
+                     f"{_f(agg['reach_seconds'], 2, 'not reached')} | {_f(agg['best_flops'], 2)} | "
+                     f"{agg['best_step'].mean:.0f} | {agg['steps'].mean:.0f} | {quarters} |")
+    return "\n".join(lines)
+
+
+def per_seed_lines(ps: dict, methods: list[str]) -> str:
+    f = lambda v, d=3: "—" if not np.isfinite(v) else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| method | seed | best test | step of best | steps | FLOPs to ref's best (×) | mean active |",
+             "|---" * 7 + "|"]
+    for m in methods:
+        for s, v in sorted(ps.get(m, {}).items()):
+            lines.append(f"| {m} | {s} | {f(v['best_test'])} | {v['best_step']:.0f} | {v['steps']:.0f} | "
+                         f"{f(v['reach_flops'], 2) if np.isfinite(v['reach_flops']) else 'not reached'} | "
+                         f"{f(v['active'], 2)} |")
+    return "\n".join(lines)
+
+
+def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
+    """The sweep cell (or option) with the lowest mean best test loss, with its paired difference vs full."""
+    cands = [m for m in sweep_methods() + ["mat"] if m in ps]
+    if not cands:
+        return None
+    mean = {m: pt.Agg.of([v["best_test"] for v in ps[m].values()]).mean for m in cands}
+    m = min(cands, key=lambda k: mean[k])
+    return m, pt.Agg.of([v["best_test"] for v in ps[m].values()]), pt.paired_diff(ps, m, "full", "best_test")
+
+
+def reading(ps: dict) -> list[str]:
+    """Plain sentences generated from the numbers (no judgement is typed in by hand)."""
+    out = []
+    for m in ("mat", "rand", "multirate", "raptr", "switch_mat"):
+        ref = reference_of(m)
+        d = pt.paired_diff(ps, m, ref, "best_test")
+        if not d.n:
+            continue
+        spread = ("one seed: no spread to judge it against" if d.n < 2 else
+                  f"std of the paired difference {d.std:.3f} over {d.n} seeds: "
+                  + ("larger than the spread" if abs(d.mean) > d.std else "within seed noise"))
+        reach = pt.Agg.of([v["reach_flops"] for v in ps[m].values()])
+        out.append(f"`{m}` vs `{ref}`: best test loss {abs(d.mean):.3f} "
+                   f"{'lower (better)' if d.mean < 0 else 'higher (worse)'} ({spread}); reached {ref}'s best test "
+                   f"loss in {reach.n} of {reach.total} seeds"
+                   + (f", with {reach.mean:.2f}× its FLOPs" if reach.n else "") + ".")
+    cell = best_cell(ps)
+    if cell:
+        m, agg, d = cell
+        out.append(f"Best sweep cell by mean best test loss: `{m}` ({agg.fmt(3)}); paired difference vs full "
+                   f"{d.fmt(3)} over {d.n} seed(s).")
+    return out
+
+
+def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str:
+    methods = list(TABLE_METHODS) + sweep_methods()
+    runs = load(out, seeds, methods)
+    ps = per_seed(runs)
+    docs = results.parent
+    figs = {}
+    if runs:
+        figs["test loss vs FLOPs"] = plot_test_vs_flops(runs, [m for m in TABLE_METHODS], docs / "converge_test_vs_flops.png")
+        figs["active fraction"] = plot_active_over_time(runs, [m for m in TABLE_METHODS if m != "full"],
+                                                        docs / "converge_active_fraction.png")
+        if any(m in ps for m in sweep_methods()):
+            figs["α/β: best test loss"] = plot_heatmap(sweep_grid(ps, "best_test"), "best test loss (mean over seeds)",
+                                                       docs / "converge_sweep_best_test.png")
+            figs["α/β: FLOPs to full's best"] = plot_heatmap(sweep_grid(ps, "reach_flops"),
+                                                             "FLOPs to full's best test loss (×full)",
+                                                             docs / "converge_sweep_flops.png", "{:.2f}")
+    sc = meta.get("scale", {})
+    done = [json.loads((plots.run_dir(out, s, m) / "done.json").read_text()) for s in runs for m in runs[s]]
+    body = [MARK_BEGIN, "## Convergence regime (train past the best test loss)\n",
+            "Generated by `benchmarks/converge.py` through `benchmarks/paper_table.py --converge`; numbers are computed, "
+            "not edited.\n",
+            "```bash", *meta.get("commands", []), "```\n",
+            f"- model: BERT (MLM) {sc.get('n_layer')}L × {sc.get('n_head')}H, d={sc.get('d_model')}, seq "
+            f"{sc.get('seq_len')}, vocab {sc.get('vocab_size')}, batch {sc.get('micro_batch')} on "
+            f"{sc.get('num_gpus')} rank; AdamW lr {sc.get('lr')} constant after {sc.get('lr_warmup')} steps; "
+            f"MAT warm-up {sc.get('mat_warmup')}, refresh every {sc.get('refresh_interval')}, probe n="
+            f"{sc.get('probe_samples')}",
+            f"- data: train `{pt._shown(meta.get('train_data'))}`, test `{pt._shown(meta.get('test_data'))}`; "
+            f"evaluation every {sc.get('eval_interval')} steps ({sc.get('eval_batches')} test batches); each run "
+            f"stops after {meta.get('patience')} evaluations without a new best test loss (cap {sc.get('steps')} steps)",
+            f"- {len(done)} runs, {sum(d['launch_seconds'] for d in done) / 3600:.2f} h of launch-to-exit time "
+            f"(runs side by side: {meta.get('jobs')} at a time)" if done else "- no complete runs yet",
+            "\n### Methods (mean ± std over seeds)\n", table(ps, list(TABLE_METHODS)), "",
+            "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
+            "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "
+            "own best*: at the method's own best, same denominator. Switch rows use `switch_full` as reference.\n"]
+    if any(m in ps for m in sweep_methods()):
+        body += ["### α/β landscape and the open choices\n", table(ps, sweep_methods()), ""]
+    body += ["### Per seed\n", per_seed_lines(ps, methods), "", "### What the numbers say\n",
+             *[f"- {line}" for line in reading(ps)], ""]
+    for name, path in figs.items():
+        body.append(f"![{name}]({os.path.relpath(path, docs)})\n")
+    body.append(MARK_END)
+    section = "\n".join(body)
+    text = results.read_text(encoding="utf-8") if results.is_file() else ""
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        marker = "\n## Discussion\n"
+        text = (text.replace(marker, "\n" + section + "\n" + marker, 1) if marker in text
+                else text + "\n" + section + "\n")
+    results.write_text(text, encoding="utf-8")
+    return table(ps, list(TABLE_METHODS))
+
+
+def main(args) -> int:
+    """``paper_table --converge``: launch what is missing (unless --report_only), then rewrite the report section."""
+    scale = CONVERGE if args.steps is None else CONVERGE.with_steps(args.steps)  # smoke runs: evals scale too
+    out = Path(args.out or pt.REPO / "runs" / "converge").resolve()
+    meta_path = out / "harness.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if not args.report_only:
+        args.train_data = pt._resolve_data(args.train_data, pt.DEFAULT_TRAIN, "train data")
+        args.test_data = pt._resolve_data(args.test_data, pt.DEFAULT_TEST, "test data")
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python -m benchmarks.paper_table " + " ".join(args.argv)
+        meta.update({"scale": dataclasses.asdict(scale), "train_data": args.train_data, "test_data": args.test_data,
+                     "patience": args.patience, "jobs": args.jobs, "machine": pt.machine_info(scale.num_gpus)})
+        meta["commands"] = list(dict.fromkeys([*meta.get("commands", []), command]))
+        meta["seeds"] = sorted(set(meta.get("seeds", [])) | set(args.seeds))
+        meta_path.write_text(json.dumps(meta, indent=2))
+        t0 = time.perf_counter()
+        errors = run_all(args, scale, out)
+        print(f"[converge] {time.perf_counter() - t0:.0f} s", flush=True)
+        for e in errors:
+            print(f"error: {e}", flush=True)
+        if errors:
+            return 1
+    if not meta:
+        raise SystemExit(f"error: {meta_path} not found: no converge runs under {out}")
+    print(write_section(Path(args.results).resolve(), out, meta, meta.get("seeds", args.seeds)))
+    return 0

@@ -1,0 +1,140 @@
+"""The converge-regime report math, the sweep grid, the dependency-aware run pool and the report section, on synthetic
+metrics.jsonl files (no DeepSpeed launches): each number is checked against one computed by hand."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import converge as cv
+from benchmarks import plots
+
+
+def u_curve(best_step: int, best: float, slope: float = 1e-3):
+    """A test loss that falls linearly to ``best`` at ``best_step`` and rises after it (overfitting)."""
+    return lambda t: best + slope * abs(t - best_step)
+
+
+def rows_of(steps: int, flops_per_step: float, test, eval_every: int = 10, active=lambda t: 1.0,
+            seconds_per_step: float = 1.0) -> list[dict]:
+    rows = []
+    for t in range(1, steps + 1):
+        r = {"trainer/step": t, "perf/flops_cumulative": flops_per_step * t,
+             "perf/train_seconds_cumulative": seconds_per_step * t, "mat/active_fraction": active(t)}
+        if t % eval_every == 0:
+            r.update({"val/loss": test(t) + 0.2, "test/loss": test(t)})
+        rows.append(r)
+    return rows
+
+
+def test_converge_metrics_by_hand():
+    full = rows_of(100, 10.0, u_curve(50, 4.0))  # best 4.0 at step 50: FLOPs 500, seconds 50
+    # cheaper steps, better best (3.9 at step 40), falling 0.01 per step before it
+    other = rows_of(80, 8.0, u_curve(40, 3.9, slope=0.01), active=lambda t: 1.0 if t <= 20 else 0.5,
+                    seconds_per_step=1.5)
+    m = cv.converge_metrics(other, full)
+    assert m["best_test"] == pytest.approx(3.9) and m["best_step"] == 40
+    assert m["target"] == pytest.approx(4.0)
+    # first evaluation with test <= 4.0: step 30 (3.9 + 0.01*10 = 4.0)
+    assert m["reach_flops"] == pytest.approx(30 * 8.0 / 500.0)
+    assert m["reach_seconds"] == pytest.approx(30 * 1.5 / 50.0)
+    assert m["best_flops"] == pytest.approx(40 * 8.0 / 500.0)
+    assert m["steps"] == 80 and m["past_best"] == pytest.approx((80 - 40) / 40)
+    assert m["active_q1"] == pytest.approx(1.0) and m["active_q2"] == pytest.approx(0.5)
+    assert m["active"] == pytest.approx((20 + 60 * 0.5) / 80)
+    # a run that never gets down to full's best
+    worse = cv.converge_metrics(rows_of(60, 10.0, u_curve(30, 4.5)), full)
+    assert math.isnan(worse["reach_flops"]) and math.isnan(worse["reach_seconds"])
+    assert worse["best_test"] == pytest.approx(4.5)
+    # full against itself: every ratio is 1
+    same = cv.converge_metrics(full, full)
+    assert same["reach_flops"] == pytest.approx(1.0) and same["best_flops"] == pytest.approx(1.0)
+
+
+def test_converge_metrics_needs_test_losses():
+    rows = [{"trainer/step": 1, "perf/flops_cumulative": 1.0, "val/loss": 5.0}]
+    with pytest.raises(ValueError, match="test"):
+        cv.converge_metrics(rows, rows)
+
+
+def test_per_seed_uses_the_right_reference_and_sweep_grid():
+    full = rows_of(100, 10.0, u_curve(50, 4.0))
+    runs = {1: {"full": full, "mat_a0.3_b0.05": rows_of(100, 10.0, u_curve(50, 3.8)),
+                "switch_full": rows_of(100, 20.0, u_curve(50, 3.0)),
+                "switch_mat": rows_of(100, 20.0, u_curve(50, 2.9))},
+            2: {"full": full, "mat_a0.3_b0.05": rows_of(100, 10.0, u_curve(50, 3.6))}}
+    ps = cv.per_seed(runs)
+    assert ps["switch_mat"][1]["target"] == pytest.approx(3.0)  # compared with switch_full, not full
+    assert ps["mat_a0.3_b0.05"][2]["target"] == pytest.approx(4.0)
+    grid = cv.sweep_grid(ps, "best_test")
+    i, j = cv.SWEEP_ALPHAS.index(0.3), cv.SWEEP_BETAS.index(0.05)
+    assert grid[i, j] == pytest.approx(3.7)  # mean over the two seeds
+    assert np.isnan(grid).sum() == grid.size - 1
+    name, agg, diff = cv.best_cell(ps)
+    assert name == "mat_a0.3_b0.05" and diff.mean == pytest.approx(-0.3) and diff.n == 2
+
+
+def test_method_blocks():
+    s = cv.CONVERGE
+    assert cv.method_block("mat_a0.05_b0.2", s, 3, Path("/nonexistent"))["alpha"] == 0.05
+    assert cv.method_block("mat_floor", s, 3, Path("/x"))["min_active_fraction"] == 0.25
+    assert cv.method_block("mat_layer", s, 3, Path("/x"))["threshold_scope"] == "layer"
+    assert cv.method_block("mat_logit_sum", s, 3, Path("/x"))["probe_output"] == "logit_sum"
+    assert cv.method_block("switch_full", s, 3, Path("/x")) == {"policy": "full"}
+    from mat_ds.core.config import MATConfig
+
+    for m in ["mat", "switch_mat", "multirate", *cv.sweep_methods()]:  # every block is a valid "mat" config
+        MATConfig.from_dict(cv.method_block(m, s, 1, Path("/x")))
+    with pytest.raises(ValueError):
+        cv.method_block("nope", s, 1, Path("/x"))
+
+
+def test_run_pool_respects_dependencies_jobs_and_failures():
+    order, live, peak, lock = [], [0], [0], threading.Lock()
+    finished: set = set()
+
+    def run_one(seed, method):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        threading.Event().wait(0.05)
+        with lock:
+            live[0] -= 1
+            order.append((seed, method))
+        if (seed, method) == (2, "mat"):
+            raise RuntimeError("boom")
+        finished.add((seed, method))
+
+    tasks = [(s, m) for m in ("full", "mat", "rand", "raptr") for s in (1, 2)]
+    errors = cv.run_pool(tasks, run_one, lambda s, m: (s, m) in finished, jobs=2)
+    assert peak[0] == 2
+    assert order.index((1, "rand")) > order.index((1, "mat"))
+    assert order.index((1, "raptr")) > order.index((1, "full"))
+    assert (2, "rand") not in order  # its mat failed: skipped, reported
+    assert any("seed 2 mat: boom" in e for e in errors) and any("seed 2 rand: skipped" in e for e in errors)
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    out = tmp_path / "runs"
+    for seed in (1, 2):
+        for method, best in (("full", 4.0), ("mat", 3.9 - 0.01 * seed)):
+            d = plots.run_dir(out, seed, method)
+            d.mkdir(parents=True)
+            rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nshort-run table\n\n## Discussion\n\nhuman text\n")
+    meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6}
+    cv.write_section(results, out, meta, [1, 2])
+    text = results.read_text()
+    assert text.index("short-run table") < text.index(cv.MARK_BEGIN) < text.index("## Discussion")
+    assert "human text" in text and "| mat (full) | 2 | 3.885 ± 0.007 | -0.115 ± 0.007 |" in text
+    cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
+    assert results.read_text().count(cv.MARK_BEGIN) == 1
+    assert (results.parent / "converge_test_vs_flops.png").stat().st_size > 0
