@@ -6,7 +6,7 @@ every other head trains; no weight gradient is computed for them, also in the re
 block, and gradient bytes drop by exactly their share; λmax is the explicit Jacobian's (fp32: rel err < 1e-4) and
 identical with checkpointing on and off; bf16 tracks fp32 (per-step |Δloss| <= LOSS_TOL); MAT's own refreshes under
 gradient accumulation change the frozen set only at optimizer-step boundaries; an overflowing step is skipped by ZeRO
-(1-3) without touching any head. Refusals: bf16/fp16 + ZeRO-0 with freezing, fp16 on a CPU accelerator, ZeRO-Offload
+(1-3) without touching any head. Refusals: fp16 on a CPU accelerator, ZeRO-Offload
 with freezing, each a one-line ConfigError; policy "full" with ZeRO-Offload trains.
 
 Default suite: ONE launch (ZeRO-2 row, both precisions, every checkpointing kind, plus the error cases). Slow
@@ -26,6 +26,10 @@ BF16_LAM_TOL = 0.05  # bf16 probe vs the fp32 probe of the same weights (measure
 # per-step |mean loss bf16 - mean loss fp32| over the 8 fixed-mask steps; measured <= 0.0048 (own Transformer) and
 # <= 0.0202 (HF BERT, whose loss is itself computed in bf16: spacing 0.016-0.03 at loss 2-8), ZeRO 1-3
 LOSS_TOL = 0.05
+# bf16 WITHOUT ZeRO: DeepSpeed's own DDP_BFLOAT16 path (bf16 gradient accumulation, FP16_UnfusedOptimizer) drifts from
+# fp32 with no MAT at all (tests/scripts/ds_bf16_zero0.py, plain MLP: 0.345 over 8 steps vs 0.0048 with ZeRO-1);
+# mat_ds's ZeRO-0 cells measured 0.090 (own) and 0.097 after 6 of 8 steps (HF BERT), final step < 0.15
+LOSS_TOL_ZERO0 = 0.15
 AC_LOSS_TOL = 1e-5  # fp32: per-step |loss with checkpointing - loss without| (measured: exactly 0)
 FROZEN_HEADS = (1, 4)
 ACCUM = 2
@@ -34,7 +38,7 @@ POLICY_REFRESHES = [8, 10, 12]  # refresh_interval 2
 
 
 def _row(stage: int) -> list[str]:
-    precs = ("fp32",) if stage == 0 else ("fp32", "bf16")  # bf16 + ZeRO-0 is refused (tested in "errors")
+    precs = ("fp32", "bf16")
     return [f"{p}:{stage}:{m}" for p in precs for m in ("own:off", "own:torch", "own:ds", "bert:hf")]
 
 
@@ -156,7 +160,8 @@ def test_bf16_losses_track_fp32(spec):
     bf16 = results(spec)
     fp32 = _fp32_twin(bf16, _results[_group_of(spec)])
     diffs = [abs(a - b) for a, b in zip(bf16["losses"], fp32["losses"])]
-    assert len(diffs) == POLICY_START and max(diffs) <= LOSS_TOL, diffs
+    tol = LOSS_TOL_ZERO0 if bf16["stage"] == 0 else LOSS_TOL
+    assert len(diffs) == POLICY_START and max(diffs) <= tol, diffs
     assert fp32["losses"][-1] < fp32["losses"][0] and bf16["losses"][-1] < bf16["losses"][0]
 
 
@@ -187,7 +192,7 @@ def test_policy_decisions_change_only_at_optimizer_step_boundaries(spec):
     assert r["policy_frozen_drift"] == 0.0
 
 
-@pytest.mark.parametrize("spec", [c for c in CELLS if ":0:" not in c.values[0]])
+@pytest.mark.parametrize("spec", [c for c in CELLS if not c.values[0].startswith("fp32:0:")])
 def test_overflow_step_is_skipped_without_touching_heads(spec):
     o = results(spec)["overflow"]
     assert o["loss_finite_before_inf"] and o["frozen_heads"] > 0
@@ -203,15 +208,13 @@ def _errors() -> dict:
     return results("errors")
 
 
-@pytest.mark.parametrize("name", ["bf16_zero0", "fp16_zero0", "fp16_zero1", "fp16_zero2", "offload_optimizer_zero2",
+@pytest.mark.parametrize("name", ["fp16_zero0", "fp16_zero1", "fp16_zero2", "offload_optimizer_zero2",
                                   "offload_optimizer_zero3", "offload_param_zero3"])
 def test_unsupported_configs_are_one_line_config_errors(name):
     msg = _errors()["refused"][name]
     assert msg and "\n" not in msg and not msg.startswith(("NOT A ConfigError", "NOT REFUSED")), msg
     if name.startswith("fp16"):
         assert "fp16 is not supported" in msg and "bf16" in msg
-    elif name == "bf16_zero0":
-        assert "ZeRO stage 1, 2 or 3" in msg
     else:
         assert name.rsplit("_", 1)[0] in msg and "policy 'full'" in msg
 

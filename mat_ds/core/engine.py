@@ -120,13 +120,9 @@ def check_supported(ds_config: Optional[dict], mat: MATConfig, units: ModelUnits
 
             accel = get_accelerator()
             if not (accel.is_fp16_supported() if key == "fp16" else accel.is_bf16_supported()):
-                other = "bf16 (with ZeRO stage >= 1) or fp32" if key == "fp16" else "fp32"
+                other = "bf16 or fp32" if key == "fp16" else "fp32"
                 raise ConfigError(f"{key} is not supported by DeepSpeed's {accel.device_name()} accelerator on this "
                                   f"machine: remove the \"{key}\" block or train in {other}")
-    half = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16"))
-    if half and stage == 0 and mat.freezes:
-        raise ConfigError("MAT freezing under bf16/fp16 needs ZeRO stage 1, 2 or 3 (its optimizer guard works on "
-                          "ZeRO's fp32 master partitions): set zero_optimization.stage >= 1, or train in fp32")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if device not in (None, "none") and mat.freezes:

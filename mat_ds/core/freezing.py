@@ -33,7 +33,12 @@ copies fp32 -> model weights, frozen weights stay bit-identical. Details that sh
   stage 3 ``grad_position[get_param_id(p)] = [sub_group, offset, numel]`` in ``fp32_partitioned_groups_flat[sub_group]``
   (every rank holds a, possibly padded, shard of every parameter); stage 0: the optimizer holds the parameters themselves,
   the whole parameter is the region (torch AdamW already skips a parameter whose ``grad`` is None; the guard makes that
-  exact regardless). Flat tensors and state are looked up at every step, since checkpoint loading replaces state tensors.
+  exact regardless); stage 0 under bf16/fp16 wraps the torch optimizer in DeepSpeed's ``FP16_UnfusedOptimizer`` (one fp32
+  copy per parameter, ``fp32_groups[i][j]`` for ``fp16_groups[i][j]``: the region is that whole copy) or, with a fused
+  Adam, ``FP16_Optimizer`` (``fp32_groups_flat[i]`` = the concatenation of ``fp16_groups[i]``: the region is the
+  parameter's offset in it). Both hand a frozen parameter a zero gradient (not None), step the fp32 copy, then copy
+  fp32 -> model weights after the inner step, i.e. after the guard restored it.
+  Flat tensors and state are looked up at every step, since checkpoint loading replaces state tensors.
 * Gradient clipping is unaffected: a frozen parameter contributes a zero (or no) gradient to the global norm.
 
 Re-activation: ``requires_grad_(True)`` re-enables DeepSpeed's reduce hooks (they were registered at ``initialize``) and
@@ -109,6 +114,14 @@ class FreezeController:
         self._unsupported = self._unsupported_reason()
         if self.stage in (1, 2):
             self._group_of = {id(p): i for i, g in enumerate(self._bit16_groups()) for p in g}
+        self._half_wrapper = self.stage == 0 and self.zero is not self.inner and self._unsupported is None
+        if self._half_wrapper:  # param -> (group, index in group, offset in the group's flat fp32 copy)
+            self._fp32_of = {}
+            for i, group in enumerate(self.zero.fp16_groups):
+                offset = 0
+                for j, p in enumerate(group):
+                    self._fp32_of[id(p)] = (i, j, offset)
+                    offset += p.numel()
         if guard:
             self._hooks = [self.inner.register_step_pre_hook(self._pre_step),
                            self.inner.register_step_post_hook(self._post_step)]
@@ -166,9 +179,9 @@ class FreezeController:
         elif self.stage in (1, 2):
             if getattr(z, "cpu_offload", False):
                 return "FreezeController does not support ZeRO-Offload"
-        elif z is not self.inner:
-            return (f"without ZeRO only fp32 training with a torch optimizer is supported, "
-                    f"got {type(z).__name__} (fp16/bf16 wrapper)")
+        elif z is not self.inner and type(z).__name__ not in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
+            return (f"without ZeRO the guard knows torch optimizers and DeepSpeed's FP16_UnfusedOptimizer / "
+                    f"FP16_Optimizer, got {type(z).__name__}")
         return None
 
     def _locate(self, p: torch.nn.Parameter) -> list[tuple[tuple, int, int]]:
@@ -182,6 +195,11 @@ class FreezeController:
                 return []
             address = mapping.get_hp_fragment_address()
             return [(("zero12", self._group_of[id(p)]), int(address.start), int(address.numel))]
+        if self._half_wrapper:
+            i, j, offset = self._fp32_of[id(p)]
+            if hasattr(self.zero, "fp32_groups_flat"):  # FP16_Optimizer (fused Adam): one flat copy per group
+                return [(("fp32flat", i), offset, p.numel())]
+            return [(("fp32copy", (i, j)), 0, p.numel())]  # FP16_UnfusedOptimizer: one fp32 copy per parameter
         return [(("param", id(p)), 0, p.numel())]
 
     def _locate_all(self, params: list[torch.nn.Parameter]) -> dict[tuple, list[tuple[int, int]]]:
@@ -199,6 +217,10 @@ class FreezeController:
         if kind == "zero12":
             flats = getattr(self.zero, "single_partition_of_fp32_groups", None)
             return (flats if flats is not None else self.zero.fp32_groups_flat_partition)[index]
+        if kind == "fp32flat":
+            return self.zero.fp32_groups_flat[index]
+        if kind == "fp32copy":
+            return self.zero.fp32_groups[index[0]][index[1]]
         return self._param_by_id[index]
 
     # -- the guard --------------------------------------------------------------------------------------------------
@@ -233,7 +255,7 @@ class FreezeController:
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
-        if self.stage == 0:
+        if self.stage == 0 and not self._half_wrapper:  # the wrappers give frozen params zero grads: all step
             self._advance_step_counts(optimizer)
         for flat, start, numel, weights, state_before in self._saved:
             flat.detach().view(-1)[start:start + numel].copy_(weights)

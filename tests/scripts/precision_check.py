@@ -33,10 +33,10 @@ tests/scripts/family_check.py (its helpers are imported):
 5. overflow: one optimizer step whose first micro-batch loss is multiplied by inf. ZeRO 1-3 detect the invalid
    gradient norm and skip the step (fp32 and bf16, DeepSpeed's ``check_grad_overflow``): ``engine.skipped_steps``
    +1, every head's weights, fp32 master and Adam state (and Adam's ``step``) unchanged, while ``global_steps`` (MAT's
-   refresh clock) still advances by 1 (DeepSpeed's semantics); then one normal step. Not run under ZeRO-0 fp32: the
-   engine steps torch AdamW directly there, with no overflow check.
+   refresh clock) still advances by 1 (DeepSpeed's semantics); then one normal step. Under ZeRO-0 only for bf16
+   (DeepSpeed's FP16_UnfusedOptimizer checks the norm); fp32 ZeRO-0 steps torch AdamW directly, with no overflow check.
 
-The case ``errors`` checks one-line ConfigErrors from ``mat_ds.initialize``: bf16/fp16 + ZeRO-0 with freezing, fp16 on
+The case ``errors`` checks one-line ConfigErrors from ``mat_ds.initialize``: fp16 on
 this (CPU) accelerator, ZeRO-Offload (offload_optimizer at stage 2 and 3, offload_param at stage 3) with freezing; and
 that policy "full" with ZeRO-Offload trains (DeepSpeed's CPUAdam when its op loads without a JIT build, else torch
 AdamW; see ``cpu_adam_status``), while freezing is refused by the freezer in one line. Rank 0 prints one ``PRECISION_CHECK {json}`` line per case.
@@ -145,6 +145,17 @@ def opt_fragments(engine, stage: int, params) -> dict:
     """(param index, what) -> this rank's fp32 master / exp_avg / exp_avg_sq fragment. family_check's reader, plus
     DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1: ``bf16_groups`` / ``fp32_groups_flat_partition``)."""
     opt = engine.optimizer
+    if stage == 0 and opt is not engine.basic_optimizer:  # bf16 without ZeRO: FP16_UnfusedOptimizer's fp32 copies
+        index = {id(q): (i, j) for i, g in enumerate(opt.fp16_groups) for j, q in enumerate(g)}
+        out = {}
+        for k, p in enumerate(params):
+            i, j = index[id(p)]
+            copy = opt.fp32_groups[i][j]
+            state = engine.basic_optimizer.state[copy]
+            out[(k, "fp32")] = copy.detach().view(-1).clone()
+            for name in ("exp_avg", "exp_avg_sq"):
+                out[(k, name)] = state[name].view(-1).clone()
+        return out
     if not hasattr(opt, "bf16_groups") or hasattr(opt, "bit16_groups"):
         return fc.opt_fragments(engine, stage, params)
     group_of = {id(q): i for i, g in enumerate(opt.bf16_groups) for q in g}
@@ -382,8 +393,8 @@ class Cell:
         res["policy_frozen_drift"] = policy_drift
         self.mat.cfg.refresh_interval = 10**6
 
-        # 5. overflow -> skipped step (ZeRO 1-3)
-        if self.stage > 0:
+        # 5. overflow -> skipped step (ZeRO 1-3, and bf16 without ZeRO: FP16_UnfusedOptimizer checks the norm too)
+        if self.stage > 0 or self.prec == "bf16":
             res["overflow"] = self.overflow_step(n_heads)
         res["seconds"] = time.perf_counter() - t0
         return res
@@ -473,7 +484,6 @@ def errors_case() -> dict:
         return cfg
 
     cases = {
-        "bf16_zero0": base(0, bf16={"enabled": True}),
         "fp16_zero0": base(0, fp16={"enabled": True}),
         "fp16_zero1": base(1, fp16={"enabled": True}),
         "fp16_zero2": base(2, fp16={"enabled": True}),
