@@ -3,15 +3,16 @@
 For a linear y = x Wᵀ over T positions, sample i's weight gradient is G_i = Σ_t dy_itᵀ x_it (d_out × d_in) and
 Θ_ij = <G_i, G_j>. Restricted to unit u (its output channels for split "out", its input channels for split "in"):
 
-* **materialised** (``mntk.shard_unit_gram``): build the n per-sample gradients G_i (n·d_out·d_in numbers), then their
-  Gram. Memory ~2·n·d_in·d_out floats per layer at peak (one rearranged copy); FLOPs 2·n·T·d_in·d_out + 2·n²·d_in·d_out.
+* **materialised** (``mntk.shard_unit_gram``): build the n per-sample gradients of one unit at a time
+  (n·d_out·d_in / U numbers), then their Gram. Memory ~n·d_in·d_out/U floats at peak, charged twice for the GEMM's
+  operand copies; FLOPs 2·n·T·d_in·d_out + 2·n²·d_in·d_out.
 * **ghost** (``ghost_unit_gram``): ⟨G_i, G_j⟩ = Σ_{t,s} (x_it·x_js)(dy_it·dy_js) — the Gram of the nT positions'
   inputs, times the Gram of their output gradients restricted to the unit, summed over each (i, j) block of T×T
   positions. Nothing of size d_in·d_out exists. Memory 2·(nT)² floats (+ one activation slice); FLOPs 2·(nT)²·(d_in + d_out) + (nT)²·U.
 
-The ghost form wins when positions are few and layers wide (fastDP's rule of thumb: 2T² ≤ d_in·d_out); at a 7B
-model's QKV (d = 4096) with n = 16 the materialised per-sample gradients are 16·4096·12288·4 B ≈ 3.2 GB for ONE
-layer while the ghost Grams at T = 512 are 2·(8192)²·4 B ≈ 0.5 GB. ``choose`` applies the cost model with the memory
+The ghost form wins in FLOPs when positions are few and layers wide (fastDP's rule of thumb: 2T² ≤ d_in·d_out); in
+memory the materialised form pays n·d_in·d_out/U per layer (a 7B model's QKV, d = 4096, 32 units, n = 16: 16·4096·
+384·4 B ≈ 100 MB per unit; the whole layer's would be 3.2 GB) and the ghost form 2·(nT)² (T = 512: 0.5 GB). ``choose`` applies the cost model with the memory
 bound ``mat.probe_memory_mb`` (both forms exceed it -> a one-line error at start-up, never an OOM mid-run).
 Per-unit biases (split "out") add Σ_t dy_it restricted to the unit either way (``mntk.unit_bias_gram``).
 """
@@ -45,10 +46,10 @@ class GramCost:
 def layer_cost(n: int, T: int, d_in: int, d_out: int, n_units: int) -> GramCost:
     """The cost model of the module docstring (fp32: 4 bytes a number)."""
     nT = n * T
-    # Bytes are PEAKS as measured (benchmarks/probe_cost.py, /proc VmHWM): the materialised form holds the per-sample
-    # gradients plus one rearranged copy (the "in" split's transpose) and copies of the activations it indexes; the
-    # ghost form holds the shared and the per-unit (nT)² kernels plus one activation slice.
-    return GramCost(materialized_bytes=4 * (2 * n * d_in * d_out + nT * (d_in + d_out)),
+    # Bytes are PEAKS (checked against /proc VmHWM by benchmarks/probe_cost.py): the materialised form holds ONE unit's
+    # per-sample gradients (charged twice: the batched GEMM may copy its operands) and the activation slices it
+    # indexes; the ghost form holds the shared and ONE reused per-unit (nT)² kernel plus one activation slice.
+    return GramCost(materialized_bytes=4 * (2 * n * d_in * d_out // max(n_units, 1) + nT * (d_in + d_out)),
                     materialized_flops=2 * nT * d_in * d_out + 2 * n * n * d_in * d_out,
                     ghost_bytes=4 * (2 * nT * nT + nT * max(d_in, d_out)),
                     ghost_flops=2 * nT * nT * (d_in + d_out) + nT * nT * n_units)
@@ -83,9 +84,10 @@ def ghost_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear) -
     S = shared.reshape(n * T, -1)
     K_shared = S @ S.t()  # [nT, nT], the same for every unit
     out = torch.empty(module.n_units, n, n, dtype=x.dtype, device=x.device)
+    K = torch.empty_like(K_shared)  # ONE per-unit kernel buffer, reused: two (nT)² matrices alive in all
     for u in range(module.n_units):
         P = per_unit.index_select(-1, lay[u]).reshape(n * T, -1)
-        K = P @ P.t()
-        K.mul_(K_shared)  # in place: two (nT)² matrices alive, not four
+        torch.mm(P, P.t(), out=K)
+        K.mul_(K_shared)
         out[u] = K.view(n, T, n, T).sum(dim=(1, 3))
     return out

@@ -113,18 +113,18 @@ def shard_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear, l
         return torch.zeros(U, n, n, dtype=x.dtype, device=x.device)
     lay = module.unit_layout().to(x.device)
     r0, r1 = lo // cols, (hi - 1) // cols + 1  # parameter rows [r0, r1) hold the range
-    if module.split == "out":
-        # Row r of unit u is output channel lay[u, r]: pick those channels of dY for every unit, X stays whole.
-        idx = lay[:, r0:r1].flatten()
-        g = torch.einsum("nto,nti->noi", dy.index_select(-1, idx), x)  # [n, U·nr, d_in], unit-major
-        g = g.reshape(n, U, (r1 - r0) * cols)
-    else:
-        # Row r of every unit is output channel r; unit u owns input channels lay[u].
-        xu = x.index_select(-1, lay.flatten())
-        g = torch.einsum("nto,nti->noi", dy[..., r0:r1], xu)  # [n, nr, U·k]
-        g = g.reshape(n, r1 - r0, U, cols).transpose(1, 2).reshape(n, U, (r1 - r0) * cols)
-    g = g[:, :, lo - r0 * cols:hi - r0 * cols]  # drop the parts of the partial first/last rows outside the range
-    return torch.einsum("nup,mup->unm", g, g)
+    a, b = lo - r0 * cols, hi - r0 * cols  # the range within those rows, flattened
+    out = torch.empty(U, n, n, dtype=x.dtype, device=x.device)
+    # One unit at a time: only ONE unit's per-sample gradients (1/U of the layer's) exist at once, which is what the
+    # cost model (ghost.layer_cost) charges and mat.probe_memory_mb bounds.
+    for u in range(U):
+        if module.split == "out":  # row r of unit u is output channel lay[u, r]; X stays whole
+            g = torch.einsum("nto,nti->noi", dy.index_select(-1, lay[u, r0:r1]), x)  # [n, nr, d_in]
+        else:  # row r of every unit is output channel r; unit u owns input channels lay[u]
+            g = torch.einsum("nto,nti->noi", dy[..., r0:r1], x.index_select(-1, lay[u]))  # [n, nr, k]
+        g = g.reshape(n, -1)[:, a:b]  # drop the parts of the partial first/last rows outside the range
+        out[u] = g @ g.t()
+    return out
 
 
 def unit_bias_gram(dy: torch.Tensor, module: HeadwiseLinear) -> torch.Tensor:

@@ -34,6 +34,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from tests.scripts.family_check import opt_fragments  # fp32 master / Adam fragments per ZeRO stage
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_CASES = ("own:2:fp32,own:2:bf16,own:2:fp16,own:3:fp32,own:3:bf16,own:3:fp16,"
                  "switch:2:fp32,switch:2:bf16,switch:2:fp16,bert:2:bf16,bert:3:bf16")
@@ -159,36 +161,6 @@ def check_backend() -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. frozen means frozen, per family / ZeRO stage / precision
 # ----------------------------------------------------------------------------------------------------------------------
-def opt_fragments(engine, stage: int, params: list) -> dict:
-    """(param index, what) -> this rank's fp32 master / exp_avg / exp_avg_sq fragment of each param, read straight from
-    DeepSpeed's optimizer (as tests/scripts/family_check.py does; mat_ds/core/freezing.py says where each stage keeps
-    them). Local reads only: no collective."""
-    opt = engine.optimizer
-    out = {}
-    if stage in (1, 2):
-        group_of = {id(q): i for i, g in enumerate(opt.bit16_groups) for q in g}
-    for k, p in enumerate(params):
-        if stage == 3:
-            sub_group, start, numel = (int(v) for v in opt.grad_position[opt.get_param_id(p)])
-            flat = opt.fp32_partitioned_groups_flat[sub_group]
-            state = opt.optimizer.state[flat]
-        elif stage in (1, 2):
-            mapping = getattr(p, "_hp_mapping", None)
-            if not mapping:
-                continue  # this rank's partition holds no part of p
-            address = mapping.get_hp_fragment_address()
-            start, numel = int(address.start), int(address.numel)
-            flat = opt.single_partition_of_fp32_groups[group_of[id(p)]]
-            state = opt.optimizer.state[flat]
-        else:
-            flat, start, numel = p, 0, p.numel()
-            state = opt.state[p]
-        out[(k, "fp32")] = flat.detach().view(-1)[start:start + numel].clone()
-        for name in ("exp_avg", "exp_avg_sq"):
-            out[(k, name)] = state[name].view(-1)[start:start + numel].clone()
-    return out
-
-
 def check_freeze(family: str, stage: int, precision: str, steps: int) -> dict:
     import mat_ds
 

@@ -30,6 +30,7 @@ import mat_ds
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.core.mntk import lambda_max, probe_units
 from tests.oracles import explicit_unit_grams
+from tests.scripts.family_check import opt_fragments  # fp32 master / Adam fragments per ZeRO stage
 
 V, T, D, F, L, H, KV, E, K = 64, 12, 32, 48, 2, 4, 2, 4, 2
 N_PROBE, MICRO, ACCUM, STAGE = 4, 2, 2, 2
@@ -63,25 +64,6 @@ def ds_config() -> dict:
         "comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False},
         "mat": {"policy": "mat", "warmup_steps": 0, "refresh_interval": 10**6, "probe_samples": N_PROBE},
     }
-
-
-def opt_fragments(engine, params) -> dict:
-    """(param index, what) -> this rank's ZeRO-1/2 fp32 master / exp_avg / exp_avg_sq fragment of each param."""
-    opt = engine.optimizer
-    group_of = {id(q): i for i, g in enumerate(opt.bit16_groups) for q in g}
-    out = {}
-    for k, p in enumerate(params):
-        mapping = getattr(p, "_hp_mapping", None)
-        if not mapping:
-            continue  # this rank's partition holds no part of p
-        address = mapping.get_hp_fragment_address()
-        start, numel = int(address.start), int(address.numel)
-        flat = opt.single_partition_of_fp32_groups[group_of[id(p)]]
-        state = opt.optimizer.state[flat]
-        out[(k, "fp32")] = flat.detach().view(-1)[start:start + numel].clone()
-        for name in ("exp_avg", "exp_avg_sq"):
-            out[(k, name)] = state[name].view(-1)[start:start + numel].clone()
-    return out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,7 +162,7 @@ class Check:
         trained = [u for u in units.all() if all(u is not f for f in frozen_units)]
         w_frozen = [p.data.clone() for p in frozen_params]
         w_trained = [[p.data.clone() for p in u.params] for u in trained]
-        s_frozen = opt_fragments(self.engine, frozen_params)
+        s_frozen = opt_fragments(self.engine, self.engine.zero_optimization_stage(), frozen_params)
         snap = self.mat.snapshot_frozen()
         frozen_bytes = []
         for _ in range(PHASE_FROZEN):
@@ -188,7 +170,7 @@ class Check:
             losses.append(loss)
             frozen_bytes.append(nbytes)
         w_drift = max(float((a - p.data).abs().max()) for a, p in zip(w_frozen, frozen_params))
-        s_after = opt_fragments(self.engine, frozen_params)
+        s_after = opt_fragments(self.engine, self.engine.zero_optimization_stage(), frozen_params)
         s_drift = {what: max([float((s_frozen[k] - s_after[k]).abs().max()) for k in s_frozen if k[1] == what]
                              or [0.0]) for what in ("fp32", "exp_avg", "exp_avg_sq")}
         per_rank = gather({"weights": w_drift, **s_drift, "fragments": len(s_frozen) // 3,
