@@ -112,6 +112,9 @@ def converge_metrics(rows: list[dict], ref_rows: list[dict]) -> dict[str, float]
         "best_flops": float(c["flops"][i_best] / ref["flops"][i_ref]),
         "steps": steps,
         "past_best": float((c["step"][-1] - c["step"][i_best]) / max(c["step"][i_best], 1.0)),
+        # evaluations after the best: >= patience means the run stopped because its test loss had bottomed out,
+        # fewer means the step cap stopped it first (the best may lie beyond it)
+        "evals_after_best": float(np.isfinite(c["test"][i_best + 1:]).sum()),
         "active": float(np.mean([a for _, a in active])) if active else nan,
         **{f"active_q{k + 1}": v for k, v in enumerate(quarters)},
     }
@@ -327,7 +330,7 @@ def _f(agg: "pt.Agg", digits: int = 3, missing: str = "n/a") -> str:
 def table(ps: dict, methods: list[str]) -> str:
     cols = ["method (vs)", "seeds", "best test loss", "Δ best test vs ref (paired)", "FLOPs to ref's best (×)",
             "time to ref's best (×)", "FLOPs to own best (×ref's)", "step of best", "steps run",
-            "active frac. by quarter of the run"]
+            "evals after best (min)", "active frac. by quarter of the run"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for m in methods:
         if m not in ps:
@@ -341,17 +344,19 @@ def table(ps: dict, methods: list[str]) -> str:
         lines.append(f"| {m} ({ref}) | {len(seeds)} | {_f(agg['best_test'])} | "
                      f"{'—' if diff is None else _f(diff)} | {_f(agg['reach_flops'], 2, 'not reached')} | "
                      f"{_f(agg['reach_seconds'], 2, 'not reached')} | {_f(agg['best_flops'], 2)} | "
-                     f"{agg['best_step'].mean:.0f} | {agg['steps'].mean:.0f} | {quarters} |")
+                     f"{agg['best_step'].mean:.0f} | {agg['steps'].mean:.0f} | "
+                     f"{min(v['evals_after_best'] for v in seeds.values()):.0f} | {quarters} |")
     return "\n".join(lines)
 
 
 def per_seed_lines(ps: dict, methods: list[str]) -> str:
     f = lambda v, d=3: "—" if not np.isfinite(v) else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| method | seed | best test | step of best | steps | FLOPs to ref's best (×) | mean active |",
-             "|---" * 7 + "|"]
+    lines = ["| method | seed | best test | step of best | steps | evals after best | FLOPs to ref's best (×) | "
+             "mean active |", "|---" * 8 + "|"]
     for m in methods:
         for s, v in sorted(ps.get(m, {}).items()):
             lines.append(f"| {m} | {s} | {f(v['best_test'])} | {v['best_step']:.0f} | {v['steps']:.0f} | "
+                         f"{v['evals_after_best']:.0f} | "
                          f"{f(v['reach_flops'], 2) if np.isfinite(v['reach_flops']) else 'not reached'} | "
                          f"{f(v['active'], 2)} |")
     return "\n".join(lines)
@@ -427,7 +432,9 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             "\n### Methods (mean ± std over seeds)\n", table(ps, list(TABLE_METHODS)), "",
             "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
             "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "
-            "own best*: at the method's own best, same denominator. Switch rows use `switch_full` as reference.\n"]
+            "own best*: at the method's own best, same denominator. *evals after best*: the fewest over seeds; below the "
+            "patience the step cap ended a run before its test loss had bottomed out. Switch rows use `switch_full` as "
+            "reference.\n"]
     if any(m in ps for m in sweep_methods()):
         body += ["### α/β landscape and the open choices\n", table(ps, sweep_methods()), ""]
     body += ["### Per seed\n", per_seed_lines(ps, methods), "", "### What the numbers say\n",

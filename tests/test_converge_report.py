@@ -44,6 +44,7 @@ def test_converge_metrics_by_hand():
     assert m["reach_seconds"] == pytest.approx(30 * 1.5 / 50.0)
     assert m["best_flops"] == pytest.approx(40 * 8.0 / 500.0)
     assert m["steps"] == 80 and m["past_best"] == pytest.approx((80 - 40) / 40)
+    assert m["evals_after_best"] == 4  # evaluations at 50, 60, 70, 80
     assert m["active_q1"] == pytest.approx(1.0) and m["active_q2"] == pytest.approx(0.5)
     assert m["active"] == pytest.approx((20 + 60 * 0.5) / 80)
     # a run that never gets down to full's best

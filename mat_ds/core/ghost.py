@@ -85,9 +85,10 @@ def ghost_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear) -
     K_shared = S @ S.t()  # [nT, nT], the same for every unit
     out = torch.empty(module.n_units, n, n, dtype=x.dtype, device=x.device)
     K = torch.empty_like(K_shared)  # ONE per-unit kernel buffer, reused: two (nT)² matrices alive in all
+    P = torch.empty(n, T, lay.shape[1], dtype=x.dtype, device=x.device)  # one unit's channels, reused
     for u in range(module.n_units):
-        P = per_unit.index_select(-1, lay[u]).reshape(n * T, -1)
-        torch.mm(P, P.t(), out=K)
+        torch.index_select(per_unit, -1, lay[u], out=P)
+        torch.mm(P.view(n * T, -1), P.view(n * T, -1).t(), out=K)
         K.mul_(K_shared)
         out[u] = K.view(n, T, n, T).sum(dim=(1, 3))
     return out

@@ -115,15 +115,26 @@ def shard_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear, l
     r0, r1 = lo // cols, (hi - 1) // cols + 1  # parameter rows [r0, r1) hold the range
     a, b = lo - r0 * cols, hi - r0 * cols  # the range within those rows, flattened
     out = torch.empty(U, n, n, dtype=x.dtype, device=x.device)
-    # One unit at a time: only ONE unit's per-sample gradients (1/U of the layer's) exist at once, which is what the
-    # cost model (ghost.layer_cost) charges and mat.probe_memory_mb bounds.
+    # One unit at a time, into buffers allocated once: only ONE unit's per-sample gradients (1/U of the layer's) and
+    # one activation slice exist at once, which is what the cost model (ghost.layer_cost) charges and
+    # mat.probe_memory_mb bounds (fresh tensors per unit let the allocator hold several at its peak).
+    T = x.shape[1]
+    if module.split == "out":  # row r of unit u is output channel lay[u, r]; X stays whole
+        sel = torch.empty(n, T, r1 - r0, dtype=dy.dtype, device=dy.device)
+        g = torch.empty(n, r1 - r0, cols, dtype=x.dtype, device=x.device)
+    else:  # row r of every unit is output channel r; unit u owns input channels lay[u]
+        sel = torch.empty(n, T, cols, dtype=x.dtype, device=x.device)
+        g = torch.empty(n, r1 - r0, cols, dtype=x.dtype, device=x.device)
+        dy_rows = dy[..., r0:r1].transpose(1, 2)  # [n, nr, T], a view
     for u in range(U):
-        if module.split == "out":  # row r of unit u is output channel lay[u, r]; X stays whole
-            g = torch.einsum("nto,nti->noi", dy.index_select(-1, lay[u, r0:r1]), x)  # [n, nr, d_in]
-        else:  # row r of every unit is output channel r; unit u owns input channels lay[u]
-            g = torch.einsum("nto,nti->noi", dy[..., r0:r1], x.index_select(-1, lay[u]))  # [n, nr, k]
-        g = g.reshape(n, -1)[:, a:b]  # drop the parts of the partial first/last rows outside the range
-        out[u] = g @ g.t()
+        if module.split == "out":
+            torch.index_select(dy, -1, lay[u, r0:r1], out=sel)
+            torch.bmm(sel.transpose(1, 2), x, out=g)  # [n, nr, d_in]
+        else:
+            torch.index_select(x, -1, lay[u], out=sel)
+            torch.bmm(dy_rows, sel, out=g)  # [n, nr, k]
+        flat = g.view(n, -1)[:, a:b]  # drop the parts of the partial first/last rows outside the range
+        out[u] = flat @ flat.t()
     return out
 
 
