@@ -53,7 +53,7 @@ except ImportError:  # python benchmarks/paper_table.py
 # more supervised tokens per step and no dropout, so the converge scale uses both (40 % masking: Wettig et al. 2022,
 # "Should You Mask 15% in Masked Language Modeling?"); the short-run table keeps BERT's 15 % and dropout 0.1.
 CONVERGE = pt.Scale("converge", n_layer=4, n_head=4, d_model=128, seq_len=64, vocab_size=2048, micro_batch=32,
-                    lr=2e-3, lr_warmup=100, steps=5000, eval_interval=100, eval_batches=8, mat_warmup=200,
+                    lr=2e-3, lr_warmup=100, steps=8000, eval_interval=100, eval_batches=8, mat_warmup=200,
                     refresh_interval=50, save_interval=500, num_gpus=1)
 CONVERGE_FLAGS = ["--mlm_probability", "0.4", "--dropout", "0"]
 PATIENCE = 6
@@ -224,7 +224,9 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     def run_one(seed: int, method: str) -> None:
         cfg = pt.ds_config(method_block(method, scale, seed, out), scale)
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
-        pt.ensure_run(out, seed, method, cfg, flags, scale, args.keep_checkpoints)
+        # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
+        # stopped before its test loss bottomed out, instead of starting it again
+        pt.ensure_run(out, seed, method, cfg, flags, scale, keep_checkpoints=True)
 
     def done(seed: int, method: str) -> bool:
         return plots.is_complete(plots.run_dir(out, seed, method))

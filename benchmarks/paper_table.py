@@ -167,10 +167,16 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     d = run_dir(out, seed, method)
     spec = {"ds_config": cfg, "args": run_args, "num_gpus": scale.num_gpus}
     spec_path = d / "spec.json"
-    same = spec_path.is_file() and json.loads(spec_path.read_text()) == spec
+    old = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+    same = old == spec
     if same and is_complete(d):
         print(f"[paper_table] seed {seed} {method:9s} already complete, skipped", flush=True)
         return read_rows(d / "metrics.jsonl")
+    # A finished run whose only change is a larger --train_steps goes on from its kept final checkpoint.
+    extend = old is not None and _extends(old, spec) and (d / "checkpoints" / "latest").is_file()
+    earlier_seconds = 0.0
+    if extend and (d / "done.json").is_file():
+        earlier_seconds = float(json.loads((d / "done.json").read_text()).get("launch_seconds", 0.0))
     d.mkdir(parents=True, exist_ok=True)
     (d / "done.json").unlink(missing_ok=True)
     (d / "ds_config.json").write_text(json.dumps(cfg, indent=2))
@@ -180,7 +186,7 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     if scale.num_gpus is not None:
         cmd += ["--num_gpus", str(scale.num_gpus)]
     cmd += ["--master_port", str(free_port()), "launch/pretrain.py", "--deepspeed_config", str(d / "ds_config.json"),
-            "--out_dir", str(d), "--resume", "auto" if same else "never", *run_args]
+            "--out_dir", str(d), "--resume", "auto" if same or extend else "never", *run_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     print(f"[paper_table] seed {seed} {method:9s} running ...", flush=True)  # own line: runs may go side by side
@@ -189,7 +195,7 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
         log.write(shlex.join(cmd) + "\n")
         log.flush()
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + earlier_seconds
     if rc != 0:
         tail = (d / "launch.log").read_text(errors="replace").splitlines()[-15:]
         print(f"[paper_table] seed {seed} {method:9s} FAILED\n" + "\n".join(tail), flush=True)
@@ -201,10 +207,37 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     }, indent=2))
     if not keep_checkpoints:
         shutil.rmtree(d / "checkpoints", ignore_errors=True)
+    else:
+        prune_checkpoints(d / "checkpoints")
     last = [r for r in rows if "val/loss" in r]
     print(f"[paper_table] seed {seed} {method:9s} done: {seconds:6.1f} s, {rows[-1]['trainer/step'] if rows else 0} steps"
           + (f", final val {last[-1]['val/loss']:.4f}" if last else ""), flush=True)
     return rows
+
+
+def _extends(old: dict, new: dict) -> bool:
+    """True if ``new`` differs from ``old`` only by a larger ``--train_steps`` (a longer cap for the same run)."""
+    def split(spec: dict) -> tuple[dict, Optional[int]]:
+        args = list(spec.get("args", []))
+        if "--train_steps" not in args:
+            return spec, None
+        i = args.index("--train_steps")
+        steps = int(args[i + 1])
+        return {**spec, "args": args[:i] + args[i + 2:]}, steps
+
+    (a, sa), (b, sb) = split(old), split(new)
+    return a == b and sa is not None and sb is not None and sb > sa
+
+
+def prune_checkpoints(directory: Path) -> None:
+    """Keep only the checkpoint ``latest`` names (what a longer run would resume from); drop the intermediate ones."""
+    latest = directory / "latest"
+    if not latest.is_file():
+        return
+    keep = latest.read_text().strip()
+    for tag in directory.glob("global_step*"):
+        if tag.name != keep:
+            shutil.rmtree(tag, ignore_errors=True)
 
 
 def run_all(args: argparse.Namespace, scale: Scale, out: Path) -> None:

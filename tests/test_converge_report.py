@@ -139,3 +139,20 @@ def test_write_section_replaces_only_its_block(tmp_path):
     cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
     assert results.read_text().count(cv.MARK_BEGIN) == 1
     assert (results.parent / "converge_test_vs_flops.png").stat().st_size > 0
+
+
+def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
+    from benchmarks import paper_table as pt
+
+    old = {"ds_config": {"a": 1}, "args": ["--seed", "1", "--train_steps", "5000", "--patience", "6"], "num_gpus": 1}
+    longer = {**old, "args": ["--seed", "1", "--train_steps", "8000", "--patience", "6"]}
+    shorter = {**old, "args": ["--seed", "1", "--train_steps", "4000", "--patience", "6"]}
+    other = {**longer, "ds_config": {"a": 2}}
+    assert pt._extends(old, longer) and not pt._extends(old, shorter) and not pt._extends(old, other)
+    assert not pt._extends(old, old)
+    ck = tmp_path / "checkpoints"
+    for tag in ("global_step500", "global_step1000"):
+        (ck / tag).mkdir(parents=True)
+    (ck / "latest").write_text("global_step1000")
+    pt.prune_checkpoints(ck)
+    assert sorted(p.name for p in ck.iterdir()) == ["global_step1000", "latest"]

@@ -24,7 +24,10 @@ unit l's parameters. We never build J_l from parameters:
 
    The activations themselves are not split: every rank runs the probe's forward and activation backward on the
    whole (identical) probe batch; under ZeRO-3 that forward/backward all-gathers parameters exactly like a training
-   forward does. ``probe_units`` reports both costs separately (``UnitProbe``).
+   forward does. ``probe_units`` reports both costs separately (``UnitProbe``). Why not split the samples too: the
+   Gram's cross terms (i on one rank, j on another) need every layer's activations of the other ranks' samples,
+   n·T·d numbers per layer (134 MB at n 16, T 512, d 4096), more traffic than the one n-sample forward/backward per
+   refresh that splitting would save.
 
 The scalar output f_i is the caller's ``probe_fn(model, batch) -> [n]`` (``mat_ds/core/probe.py`` has the defaults).
 Experts: Θ^e = S K Sᵀ, S the slot -> sample indicator of expert e's capacity buffer, K the slot kernel
