@@ -398,6 +398,25 @@ def reading(ps: dict) -> list[str]:
     return out
 
 
+def in_progress(out: Path, seeds: list[int], methods: list[str]) -> str:
+    """Runs with metrics but no done.json (interrupted; the next invocation resumes them): how far they got."""
+    lines = []
+    for s in seeds:
+        for m in methods:
+            d = plots.run_dir(out, s, m)
+            if (d / "metrics.jsonl").is_file() and not plots.is_complete(d):
+                c = plots.eval_curve(plots.read_rows(d / "metrics.jsonl"))
+                if not np.isfinite(c["test"]).any():
+                    continue
+                i = int(np.nanargmin(c["test"]))
+                lines.append(f"| {m} | {s} | {c['step'][-1]:.0f} | {c['test'][i]:.3f} | {c['step'][i]:.0f} | "
+                             f"{c['test'][-1]:.3f} |")
+    if not lines:
+        return ""
+    return "\n".join(["| method | seed | steps so far | best test so far | at step | last test |", "|---" * 6 + "|",
+                      *lines])
+
+
 def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str:
     methods = list(TABLE_METHODS) + sweep_methods()
     runs = load(out, seeds, methods)
@@ -439,6 +458,9 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             "reference.\n"]
     if any(m in ps for m in sweep_methods()):
         body += ["### α/β landscape and the open choices\n", table(ps, sweep_methods()), ""]
+    partial = in_progress(out, seeds, methods)
+    if partial:
+        body += ["### Runs not finished yet (resumable; not in the tables above)\n", partial, ""]
     body += ["### Per seed\n", per_seed_lines(ps, methods), "", "### What the numbers say\n",
              *[f"- {line}" for line in reading(ps)], ""]
     for name, path in figs.items():

@@ -128,6 +128,9 @@ def test_write_section_replaces_only_its_block(tmp_path):
             rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+    d = plots.run_dir(out, 1, "rand")  # interrupted: metrics but no done.json
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(40, 10.0, u_curve(50, 4.2))))
     results = tmp_path / "docs" / "results.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nshort-run table\n\n## Discussion\n\nhuman text\n")
@@ -136,6 +139,7 @@ def test_write_section_replaces_only_its_block(tmp_path):
     text = results.read_text()
     assert text.index("short-run table") < text.index(cv.MARK_BEGIN) < text.index("## Discussion")
     assert "human text" in text and "| mat (full) | 2 | 3.885 ± 0.007 | -0.115 ± 0.007 |" in text
+    assert "| rand | 1 | 40 | 4.210 | 40 | 4.210 |" in text and "| rand (full)" not in text
     cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
     assert results.read_text().count(cv.MARK_BEGIN) == 1
     assert (results.parent / "converge_test_vs_flops.png").stat().st_size > 0
