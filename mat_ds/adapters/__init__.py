@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..core.config import ConfigError, MATConfig
-from ..core.headwise import HeadwiseLinear, headwise_layers
+from ..core.headwise import HeadwiseLinear, headwise_layers, swap_in
 from ..core.probe import hf_probe_fn
 
 FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama")
@@ -129,7 +129,7 @@ def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: li
             if not isinstance(lin, nn.Linear):
                 raise ConfigError(f"make_headwise: {qual} is a {type(lin).__name__}, expected nn.Linear")
             try:
-                setattr(parent, attr, HeadwiseLinear.from_linear(lin, n_units, split, layer=layer))
+                swap_in(parent, attr, lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer))
             except ValueError as exc:
                 raise ConfigError(f"make_headwise: {qual}: {exc}") from None
 

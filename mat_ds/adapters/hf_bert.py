@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear
+from mat_ds.core.headwise import HeadwiseLinear, swap_in
 
 QKV = ("query", "key", "value")
 
@@ -61,16 +61,7 @@ def _num_heads(model: nn.Module, sa: nn.Module) -> int:
 
 
 def _swap(parent: nn.Module, attr: str, n_units: int, split: str, layer: int) -> bool:
-    old = getattr(parent, attr)
-    if isinstance(old, HeadwiseLinear):
-        return False  # already converted: idempotent
-    new = HeadwiseLinear.from_linear(old, n_units, split, layer=layer)  # same dtype/device as `old`
-    # Keep a deliberately frozen projection frozen, and the module's train/eval mode.
-    for p in new.parameters():
-        p.requires_grad_(old.weight.requires_grad)
-    new.train(old.training)
-    setattr(parent, attr, new)
-    return True
+    return swap_in(parent, attr, lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer))
 
 
 def convert(model: nn.Module) -> int:

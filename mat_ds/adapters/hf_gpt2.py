@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear
+from mat_ds.core.headwise import HeadwiseLinear, swap_in
 
 
 def _is_conv1d(m) -> bool:
@@ -69,15 +69,8 @@ def qkv_layout(d: int, n_heads: int) -> torch.Tensor:
 
 
 def _swap(parent: nn.Module, attr: str, n_units: int, split: str, layout, layer: int) -> bool:
-    old = getattr(parent, attr)
-    if isinstance(old, HeadwiseLinear):
-        return False  # already converted: idempotent
-    new = HeadwiseLinear.from_conv1d(old, n_units, split, layout=layout, layer=layer)  # same dtype/device
-    for p in new.parameters():
-        p.requires_grad_(old.weight.requires_grad)
-    new.train(old.training)
-    setattr(parent, attr, new)
-    return True
+    return swap_in(parent, attr,
+                   lambda old: HeadwiseLinear.from_conv1d(old, n_units, split, layout=layout, layer=layer))
 
 
 def convert(model: nn.Module) -> int:

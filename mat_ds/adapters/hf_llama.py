@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear
+from mat_ds.core.headwise import HeadwiseLinear, swap_in
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -73,17 +73,9 @@ def _heads(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
 
 
 def _swap(attn: nn.Module, attr: str, n_units: int, split: str, layer: int) -> bool:
-    old = getattr(attn, attr)
-    if isinstance(old, HeadwiseLinear):
-        return False  # already converted: idempotent
     # Contiguous layout on every projection: group g = q rows [g·r·k, (g+1)·r·k), k/v rows [g·k, (g+1)·k),
     # o_proj input columns [g·r·k, (g+1)·r·k).
-    new = HeadwiseLinear.from_linear(old, n_units, split, layer=layer)  # same dtype/device, bias handled
-    for p in new.parameters():
-        p.requires_grad_(old.weight.requires_grad)
-    new.train(old.training)
-    setattr(attn, attr, new)
-    return True
+    return swap_in(attn, attr, lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer))
 
 
 def convert(model: nn.Module) -> int:

@@ -314,6 +314,21 @@ class HeadwiseLinear(nn.Module):
                 + (", layout=custom" if self.layout is not None else ""))
 
 
+def swap_in(parent: nn.Module, attr: str, build) -> bool:
+    """Replace ``parent.<attr>`` by ``build(old)`` (a HeadwiseLinear of the same function) unless it already is one:
+    conversion is idempotent. A deliberately frozen projection stays frozen, and the train/eval mode is kept.
+    Returns whether anything was replaced (the one home of this step for every adapter)."""
+    old = getattr(parent, attr)
+    if isinstance(old, HeadwiseLinear):
+        return False
+    new = build(old)  # same dtype/device as `old`
+    for p in new.parameters():
+        p.requires_grad_(old.weight.requires_grad)
+    new.train(old.training)
+    setattr(parent, attr, new)
+    return True
+
+
 def headwise_layers(model: nn.Module) -> list[HeadwiseLinear]:
     """Every head-wise linear of ``model`` in module order."""
     return [m for m in model.modules() if isinstance(m, HeadwiseLinear)]
