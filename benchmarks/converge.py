@@ -271,12 +271,7 @@ def plot_test_vs_flops(runs: dict, methods: list[str], path: Path) -> Path:
     ax.set_xlabel("cumulative FLOPs (training + mNTK probe)")
     ax.set_ylabel("test loss (WikiText-2 test.txt)")
     ax.set_title("Convergence regime: test loss until past each run's best (dot)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, ax)
 
 
 def plot_active_over_time(runs: dict, methods: list[str], path: Path) -> Path:
@@ -296,12 +291,7 @@ def plot_active_over_time(runs: dict, methods: list[str], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("active fraction (50-step mean)")
     ax.set_ylim(-0.02, 1.05)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, ax)
 
 
 def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}") -> Path:
@@ -316,10 +306,7 @@ def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}") 
                     color="white", fontsize=9)
     fig.colorbar(im, ax=ax)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plots.plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,6 +421,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
                                                              "FLOPs to full's best test loss (×full)",
                                                              docs / "converge_sweep_flops.png", "{:.2f}")
     sc = meta.get("scale", {})
+    main_table = table(ps, list(TABLE_METHODS))
     done = [json.loads((plots.run_dir(out, s, m) / "done.json").read_text()) for s in runs for m in runs[s]]
     train_h = sum(max((r.get("perf/train_seconds_cumulative", 0.0) for r in runs[s][m]), default=0.0)
                   for s in runs for m in runs[s]) / 3600
@@ -453,7 +441,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             f"- {len(done)} complete runs: {train_h:.2f} h of training-loop time in all (summed over runs, resumed "
             f"launches included; evaluation and start-up not counted), {train_h / max(len(done), 1) * 60:.0f} min per "
             f"run on average; runs went side by side, {meta.get('jobs')} at a time" if done else "- no complete runs yet",
-            "\n### Methods (mean ± std over seeds)\n", table(ps, list(TABLE_METHODS)), "",
+            "\n### Methods (mean ± std over seeds)\n", main_table, "",
             "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
             "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "
             "own best*: at the method's own best, same denominator. *evals after best*: the fewest over seeds; below the "
@@ -479,7 +467,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
         text = (text.replace(marker, "\n" + section + "\n" + marker, 1) if marker in text
                 else text + "\n" + section + "\n")
     results.write_text(text, encoding="utf-8")
-    return table(ps, list(TABLE_METHODS))
+    return main_table
 
 
 def main(args) -> int:

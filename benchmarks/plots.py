@@ -103,6 +103,17 @@ def series(rows: Rows, key: str) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------------------
+def save(fig, path: Path, ax=None, legend_loc: Optional[str] = None) -> Path:
+    """The one ending of every figure here: legend + light grid on ``ax`` (if given), tight layout, PNG at 120 dpi."""
+    if ax is not None:
+        ax.legend(fontsize=8, **({"loc": legend_loc} if legend_loc else {}))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_val_vs_flops(runs: RunSet, path: Path, budget: Optional[float] = None,
                       target: Optional[float] = None) -> Path:
     """Validation loss vs cumulative FLOPs; ``budget`` (mean full FLOPs) marks F/3, 2F/3, F; ``target`` (mean of the
@@ -141,12 +152,7 @@ def plot_val_vs_flops(runs: RunSet, path: Path, budget: Optional[float] = None,
     vals = vals[np.isfinite(vals)]
     if len(vals) > 4:  # the first evals are far above the rest; zoom on where methods differ
         ax.set_ylim(vals.min() - 0.05 * (np.percentile(vals, 80) - vals.min()), np.percentile(vals, 90))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, ax)
 
 
 def lambda_matrix(rows: Rows) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -208,10 +214,7 @@ def plot_lambda_heatmap(rows: Rows, path: Path, mat_block: Optional[dict] = None
     mark = "× = frozen by the decision at this refresh (replayed)" if frozen is not None else "frozen set not shown"
     ax.set_title(f"MAT: λmax per head over training ({mark})", fontsize=9)
     fig.colorbar(im, ax=ax, label="λmax (mNTK principal eigenvalue)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_active_fraction(per_method: dict[str, Rows], path: Path, seed: Optional[int] = None,
@@ -232,12 +235,7 @@ def plot_active_fraction(per_method: dict[str, Rows], path: Path, seed: Optional
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Active fraction per step{'' if seed is None else f', seed {seed}'} "
                  f"(bold: moving average over up to {window} steps)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, ax, legend_loc="lower left")
 
 
 def make_all(out: Path, docs: Path, runs: Optional[RunSet] = None) -> dict[str, Path]:

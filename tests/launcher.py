@@ -56,6 +56,16 @@ def tagged_json(stdout: str, tag: str) -> list[dict]:
     return [json.loads(line[len(prefix):]) for line in stdout.splitlines() if line.startswith(prefix)]
 
 
+def launch_cases(script: str | Path, cases: list[str], tag: str, key, timeout: int) -> dict[str, dict]:
+    """One 2-rank launch of a check script for ``cases`` (``--cases a,b,...``): its ``TAG {json}`` rows by
+    ``key(row)``. Fails (AssertionError with the output's tail) unless every case printed its row."""
+    proc = run_deepspeed(script, ["--cases", ",".join(cases)], num_gpus=2, timeout=timeout)
+    rows = {key(r): r for r in tagged_json(proc.stdout, tag)}
+    missing = set(cases) - set(rows)
+    assert not missing, f"no {tag} line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+    return rows
+
+
 PREFLIGHT_TIMEOUT = 240
 _preflight: dict[str, str] = {}  # "ok" or "failed" -> launcher output; filled by the first run_deepspeed call
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launcher import REPO, run_deepspeed, tagged_json
+from tests.launcher import REPO, launch_cases
 
 SCRIPT = REPO / "tests" / "scripts" / "family_check.py"
 DENSE = ("own", "bert", "gpt2", "llama")
@@ -43,10 +43,7 @@ def results(spec: str) -> dict:
         if any(s.split(":")[0] in ("bert", "gpt2", "llama") for s in GROUPS[group]):
             pytest.importorskip("transformers")
         try:
-            proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=600)
-            rows = {_key(r): r for r in tagged_json(proc.stdout, "FAMILY_CHECK")}
-            missing = set(GROUPS[group]) - set(rows)
-            assert not missing, f"no FAMILY_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+            rows = launch_cases(SCRIPT, GROUPS[group], "FAMILY_CHECK", _key, timeout=600)
         except AssertionError as exc:
             _failed[group] = str(exc)
             raise

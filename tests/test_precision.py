@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.launcher import REPO, run_deepspeed, tagged_json
+from tests.launcher import REPO, launch_cases
 
 SCRIPT = REPO / "tests" / "scripts" / "precision_check.py"
 LAM_TOL = 1e-4  # fp32: fast-path probe vs explicit Jacobian (measured ~1e-7)
@@ -63,10 +63,7 @@ def results(spec: str) -> dict:
     if group not in _results:
         pytest.importorskip("transformers")
         try:
-            proc = run_deepspeed(SCRIPT, ["--cases", ",".join(GROUPS[group])], num_gpus=2, timeout=900)
-            rows = {r["spec"]: r for r in tagged_json(proc.stdout, "PRECISION_CHECK")}
-            missing = set(GROUPS[group]) - set(rows)
-            assert not missing, f"no PRECISION_CHECK line for {sorted(missing)}:\n{proc.stdout[-6000:]}"
+            rows = launch_cases(SCRIPT, GROUPS[group], "PRECISION_CHECK", lambda r: r["spec"], timeout=900)
         except AssertionError as exc:
             _failed[group] = str(exc)
             raise
