@@ -591,7 +591,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.converge:
         converge = _converge()
         allowed = list(converge.TABLE_METHODS) + converge.sweep_methods()
-        default = (["full", *converge.sweep_methods()] if args.sweep else list(converge.TABLE_METHODS))
+        default = (["full", "mat", *converge.sweep_methods()] if args.sweep else list(converge.TABLE_METHODS))
         args.methods = args.methods or default
         bad = [m for m in args.methods if m not in allowed]
         if bad:

@@ -77,6 +77,11 @@ def test_per_seed_uses_the_right_reference_and_sweep_grid():
     assert np.isnan(grid).sum() == grid.size - 1
     name, agg, diff = cv.best_cell(ps)
     assert name == "mat_a0.3_b0.05" and diff.mean == pytest.approx(-0.3) and diff.n == 2
+    # the default cell is read from the mat run (not trained twice as a sweep run)
+    assert "mat_a0.1_b0.05" not in cv.sweep_methods() and cv.cell_method(0.1, 0.05) == "mat"
+    ps["mat"] = {1: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 4.2)), full)}
+    grid = cv.sweep_grid(ps, "best_test")
+    assert grid[cv.SWEEP_ALPHAS.index(0.1), cv.SWEEP_BETAS.index(0.05)] == pytest.approx(4.2)
 
 
 def test_method_blocks():
@@ -128,6 +133,10 @@ def test_write_section_replaces_only_its_block(tmp_path):
             rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+    d = plots.run_dir(out, 1, "mat_floor")  # one option run, one seed
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(50, 3.95))))
+    (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
     d = plots.run_dir(out, 1, "rand")  # interrupted: metrics but no done.json
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(40, 10.0, u_curve(50, 4.2))))
@@ -140,6 +149,9 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert text.index("short-run table") < text.index(cv.MARK_BEGIN) < text.index("## Discussion")
     assert "human text" in text and "| mat (full) | 2 | 3.885 ± 0.007 | -0.115 ± 0.007 |" in text
     assert "| rand | 1 | 40 | 4.210 | 40 | 4.210 |" in text and "| rand (full)" not in text
+    assert "### α/β landscape" in text and "| mat_floor (full) | 1 | 3.950" in text
+    assert "`mat_floor` vs `full`: best test loss 0.050 lower (better) (one seed" in text
+    assert (results.parent / "converge_sweep_best_test.png").stat().st_size > 0
     cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
     assert results.read_text().count(cv.MARK_BEGIN) == 1
     assert (results.parent / "converge_test_vs_flops.png").stat().st_size > 0
