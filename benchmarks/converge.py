@@ -4,6 +4,7 @@ FLOPs to get there, when every method trains until its test loss has bottomed ou
     python -m benchmarks.paper_table --converge                      # the table: 7 methods x 3 seeds
     python -m benchmarks.paper_table --converge --sweep --seeds 1    # the α/β landscape and the open-choice options
     python -m benchmarks.paper_table --converge --report_only        # redraw docs/results.md's converge section
+    python -m benchmarks.paper_table --converge --cap 12000          # continue the runs the 8000-step cap ended
 
 Scale: a small BERT (4 layers x 4 heads, d=128, seq 64, vocab 2048) on WikiText-2 (train on valid.txt, test on
 test.txt; the embedded corpus IS valid.txt, byte for byte, so ``--train_data default`` trains on the same text). Each
@@ -445,7 +446,9 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             f"{sc.get('probe_samples')}",
             f"- data: train `{pt._shown(meta.get('train_data'))}`, test `{pt._shown(meta.get('test_data'))}`; "
             f"evaluation every {sc.get('eval_interval')} steps ({sc.get('eval_batches')} test batches); each run "
-            f"stops after {meta.get('patience')} evaluations without a new best test loss (cap {sc.get('steps')} steps)",
+            f"stops after {meta.get('patience')} evaluations without a new best test loss, or at its step cap ("
+            f"{' or '.join(str(c) for c in meta.get('caps', [sc.get('steps')]))} steps: a run with fewer evaluations "
+            "after its best than that was ended by its cap, see *Per seed*)",
             f"- {len(done)} complete runs: {train_h:.2f} h of training-loop time in all (summed over runs, resumed "
             f"launches included; evaluation and start-up not counted), {train_h / max(len(done), 1) * 60:.0f} min per "
             f"run on average; runs went side by side, {meta.get('jobs')} at a time" if done else "- no complete runs yet",
@@ -483,6 +486,8 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
 def main(args) -> int:
     """``paper_table --converge``: launch what is missing (unless --report_only), then rewrite the report section."""
     scale = CONVERGE if args.steps is None else CONVERGE.with_steps(args.steps)  # smoke runs: evals scale too
+    if args.cap is not None:  # a longer (or shorter) cap for the same runs: nothing else changes
+        scale = dataclasses.replace(scale, steps=args.cap)
     out = Path(args.out or pt.REPO / "runs" / "converge").resolve()
     meta_path = out / "harness.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -491,10 +496,12 @@ def main(args) -> int:
         args.test_data = pt._resolve_data(args.test_data, pt.DEFAULT_TEST, "test data")
         out.mkdir(parents=True, exist_ok=True)
         command = "python -m benchmarks.paper_table " + " ".join(args.argv)
+        caps = set(meta.get("caps", [meta["scale"]["steps"]] if "scale" in meta else [])) | {scale.steps}
         meta.update({"scale": dataclasses.asdict(scale), "train_data": args.train_data, "test_data": args.test_data,
                      "patience": args.patience, "jobs": args.jobs, "machine": pt.machine_info(scale.num_gpus)})
         meta["commands"] = list(dict.fromkeys([*meta.get("commands", []), command]))
         meta["seeds"] = sorted(set(meta.get("seeds", [])) | set(args.seeds))
+        meta["caps"] = sorted(caps)
         meta_path.write_text(json.dumps(meta, indent=2))
         t0 = time.perf_counter()
         errors = run_all(args, scale, out)

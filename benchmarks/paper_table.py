@@ -172,8 +172,12 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     if same and is_complete(d):
         print(f"[paper_table] seed {seed} {method:9s} already complete, skipped", flush=True)
         return read_rows(d / "metrics.jsonl")
-    # A finished run whose only change is a larger --train_steps goes on from its kept final checkpoint.
+    # A finished run whose only change is a larger --train_steps goes on from its kept final checkpoint, unless it
+    # ended before its old cap (early stopping): a longer cap would not have changed it.
     extend = old is not None and _extends(old, spec) and (d / "checkpoints" / "latest").is_file()
+    if extend and is_complete(d) and _ended_before_cap(d, old):
+        print(f"[paper_table] seed {seed} {method:9s} ended by early stopping before its cap, kept", flush=True)
+        return read_rows(d / "metrics.jsonl")
     earlier_seconds = 0.0
     if extend and (d / "done.json").is_file():
         earlier_seconds = float(json.loads((d / "done.json").read_text()).get("launch_seconds", 0.0))
@@ -227,6 +231,13 @@ def _extends(old: dict, new: dict) -> bool:
 
     (a, sa), (b, sb) = split(old), split(new)
     return a == b and sa is not None and sb is not None and sb > sa
+
+
+def _ended_before_cap(d: Path, spec: dict) -> bool:
+    """A complete run that stopped before the ``--train_steps`` of its spec (early stopping ended it)."""
+    args = spec.get("args", [])
+    cap = int(args[args.index("--train_steps") + 1])
+    return int(json.loads((d / "done.json").read_text()).get("steps", cap)) < cap
 
 
 def prune_checkpoints(directory: Path) -> None:
@@ -579,6 +590,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="--converge only: single-rank runs side by side")
     p.add_argument("--patience", type=int, default=None, help="--converge only: evaluations without a new best test "
                                                               "loss before a run stops (default 6)")
+    p.add_argument("--cap", type=int, default=None,
+                   help="--converge only: step cap per run (default 8000). Unlike --steps nothing else rescales, so a "
+                        "larger cap continues the runs the old cap stopped from their final checkpoint; runs that "
+                        "early stopping ended are kept as they are")
     p.add_argument("--full", action="store_true", help="GPU scale (12L d768 12h) instead of the small CPU scale")
     p.add_argument("--steps", type=int, default=None, help="override N (full's steps); evals/warm-ups scale with it")
     p.add_argument("--num_gpus", type=int, default=None, help="ranks per run (default: 2 small, all GPUs --full)")
@@ -601,9 +616,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.patience = converge.PATIENCE if args.patience is None else args.patience
         if args.patience < 1:
             p.error("--patience must be >= 1")
+        if args.cap is not None and (args.cap < 1 or args.steps is not None):
+            p.error("--cap must be >= 1 and cannot be combined with --steps")
         return args
-    if args.sweep or args.patience is not None:
-        p.error("--sweep and --patience need --converge")
+    if args.sweep or args.patience is not None or args.cap is not None:
+        p.error("--sweep, --patience and --cap need --converge")
     bad = [m for m in (args.methods or []) if m not in METHODS]
     if bad:
         p.error(f"--methods {bad}: choose from {list(METHODS)}")

@@ -166,6 +166,15 @@ def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
     other = {**longer, "ds_config": {"a": 2}}
     assert pt._extends(old, longer) and not pt._extends(old, shorter) and not pt._extends(old, other)
     assert not pt._extends(old, old)
+    # a longer cap continues only the runs the old cap ended, not those early stopping ended
+    (tmp_path / "done.json").write_text(json.dumps({"steps": 4300}))
+    assert pt._ended_before_cap(tmp_path, old)
+    (tmp_path / "done.json").write_text(json.dumps({"steps": 5000}))
+    assert not pt._ended_before_cap(tmp_path, old)
+    with pytest.raises(SystemExit):  # --cap is a converge option
+        pt.parse_args(["--cap", "9000"])
+    args = pt.parse_args(["--converge", "--cap", "12000", "--report_only"])
+    assert args.cap == 12000
     ck = tmp_path / "checkpoints"
     for tag in ("global_step500", "global_step1000"):
         (ck / tag).mkdir(parents=True)
