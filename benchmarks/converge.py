@@ -303,7 +303,9 @@ def plot_active_over_time(runs: dict, methods: list[str], path: Path) -> Path:
     return plots.save(fig, path, ax)
 
 
-def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}") -> Path:
+def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}",
+                 ran: Optional[np.ndarray] = None) -> Path:
+    """``ran`` marks the cells with runs: an empty cell that ran reads "not reached", one that did not "not run"."""
     plt = plots.plt
     fig, ax = plt.subplots(figsize=(5, 4.2))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
@@ -311,8 +313,12 @@ def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}") 
     ax.set_yticks(range(len(SWEEP_ALPHAS)), [f"α={a:g}" for a in SWEEP_ALPHAS])
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            ax.text(j, i, "—" if not np.isfinite(grid[i, j]) else fmt.format(grid[i, j]), ha="center", va="center",
-                    color="white", fontsize=9)
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", color="white", fontsize=9)
+            else:
+                has_run = ran is not None and bool(ran[i, j])
+                ax.text(j, i, "not reached" if has_run else "not run", ha="center", va="center",
+                        color="black" if has_run else "0.6", fontsize=8)
     fig.colorbar(im, ax=ax)
     ax.set_title(title, fontsize=10)
     return plots.save(fig, path)
@@ -426,9 +432,9 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
         if any(m in ps for m in sweep_methods()):
             figs["α/β: best test loss"] = plot_heatmap(sweep_grid(ps, "best_test"), "best test loss (mean over seeds)",
                                                        docs / "converge_sweep_best_test.png")
-            figs["α/β: FLOPs to full's best"] = plot_heatmap(sweep_grid(ps, "reach_flops"),
-                                                             "FLOPs to full's best test loss (×full)",
-                                                             docs / "converge_sweep_flops.png", "{:.2f}")
+            figs["α/β: FLOPs to full's best"] = plot_heatmap(
+                sweep_grid(ps, "reach_flops"), "FLOPs to full's best (×full, over seeds that reached it)",
+                docs / "converge_sweep_flops.png", "{:.2f}", ran=np.isfinite(sweep_grid(ps, "best_test")))
     sc = meta.get("scale", {})
     main_table = table(ps, list(TABLE_METHODS))
     done = [json.loads((plots.run_dir(out, s, m) / "done.json").read_text()) for s in runs for m in runs[s]]
