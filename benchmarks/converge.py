@@ -259,14 +259,15 @@ def load(out: Path, seeds: list[int], methods: list[str]) -> dict[int, dict[str,
 # Figures
 # ----------------------------------------------------------------------------------------------------------------------
 CONVERGE_COLORS = {**plots.COLORS, "switch_full": "tab:gray", "switch_mat": "tab:orange"}
+EXTRA_COLORS = ["tab:green", "tab:orange", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "tab:purple", "tab:gray"]
 
 
 def plot_test_vs_flops(runs: dict, methods: list[str], path: Path) -> Path:
     """Test loss against cumulative FLOPs, one colour per method, one line per seed; dots mark each run's best."""
     plt = plots.plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in methods:
-        color = CONVERGE_COLORS.get(method)
+    for k, method in enumerate(methods):
+        color = CONVERGE_COLORS.get(method) or EXTRA_COLORS[k % len(EXTRA_COLORS)]  # one per method, seeds alike
         first = True
         for seed, per in runs.items():
             if method not in per:
@@ -430,6 +431,8 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
         figs["active fraction"] = plot_active_over_time(runs, [m for m in TABLE_METHODS if m != "full"],
                                                         docs / "converge_active_fraction.png")
         if any(m in ps for m in sweep_methods()):
+            figs["sweep and options: test loss vs FLOPs"] = plot_test_vs_flops(
+                runs, ["full", "mat", *[m for m in sweep_methods() if m in ps]], docs / "converge_options_vs_flops.png")
             figs["α/β: best test loss"] = plot_heatmap(sweep_grid(ps, "best_test"), "best test loss (mean over seeds)",
                                                        docs / "converge_sweep_best_test.png")
             figs["α/β: FLOPs to full's best"] = plot_heatmap(
