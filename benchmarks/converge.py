@@ -168,8 +168,15 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
     if method in SWEEP_OPTIONS:
         return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base, **SWEEP_OPTIONS[method]}
     if method == "rand":
-        mat_rows = plots.read_rows(plots.run_dir(out, seed, "mat") / "metrics.jsonl")
-        return pt.mat_block("rand", scale, seed, 0, pt.mat_active_fraction(mat_rows, scale.mat_warmup))
+        # The fraction is fixed when rand starts: continuing mat later (a larger --cap) moves its mean active fraction
+        # by a little, and must not turn a finished rand run into a different spec that trains again from scratch.
+        started = plots.run_dir(out, seed, "rand") / "spec.json"
+        if started.is_file():
+            frac = json.loads(started.read_text())["ds_config"]["mat"]["rand_active_fraction"]
+        else:
+            frac = pt.mat_active_fraction(plots.read_rows(plots.run_dir(out, seed, "mat") / "metrics.jsonl"),
+                                          scale.mat_warmup)
+        return pt.mat_block("rand", scale, seed, 0, frac)
     if method == "raptr":
         full_rows = plots.read_rows(plots.run_dir(out, seed, "full") / "metrics.jsonl")
         return pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)

@@ -99,6 +99,24 @@ def test_method_blocks():
         cv.method_block("nope", s, 1, Path("/x"))
 
 
+
+def test_rand_keeps_the_fraction_it_started_with(tmp_path):
+    """rand trains at MAT's mean active fraction of the same seed; once started, a continued mat does not change it."""
+    s = cv.CONVERGE
+    mat = plots.run_dir(tmp_path, 1, "mat")
+    mat.mkdir(parents=True)
+    rows = [{"trainer/step": t, "mat/active_fraction": 0.25} for t in range(s.mat_warmup + 1, s.mat_warmup + 11)]
+    (mat / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    block = cv.method_block("rand", s, 1, tmp_path)
+    assert block["rand_active_fraction"] == pytest.approx(0.25)
+    rand = plots.run_dir(tmp_path, 1, "rand")
+    rand.mkdir(parents=True)
+    (rand / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}}))
+    rows += [{"trainer/step": t, "mat/active_fraction": 0.0625} for t in range(s.mat_warmup + 11, s.mat_warmup + 31)]
+    (mat / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # mat continued
+    assert cv.method_block("rand", s, 1, tmp_path)["rand_active_fraction"] == pytest.approx(0.25)
+
+
 def test_run_pool_respects_dependencies_jobs_and_failures():
     order, live, peak, lock = [], [0], [0], threading.Lock()
     finished: set = set()
