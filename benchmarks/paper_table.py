@@ -219,25 +219,25 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     return rows
 
 
+def _split_cap(spec: dict) -> tuple[dict, Optional[int]]:
+    """A run spec without its ``--train_steps``, and that cap (None when the spec has none)."""
+    args = list(spec.get("args", []))
+    if "--train_steps" not in args:
+        return spec, None
+    i = args.index("--train_steps")
+    return {**spec, "args": args[:i] + args[i + 2:]}, int(args[i + 1])
+
+
 def _extends(old: dict, new: dict) -> bool:
     """True if ``new`` differs from ``old`` only by a larger ``--train_steps`` (a longer cap for the same run)."""
-    def split(spec: dict) -> tuple[dict, Optional[int]]:
-        args = list(spec.get("args", []))
-        if "--train_steps" not in args:
-            return spec, None
-        i = args.index("--train_steps")
-        steps = int(args[i + 1])
-        return {**spec, "args": args[:i] + args[i + 2:]}, steps
-
-    (a, sa), (b, sb) = split(old), split(new)
+    (a, sa), (b, sb) = _split_cap(old), _split_cap(new)
     return a == b and sa is not None and sb is not None and sb > sa
 
 
 def _ended_before_cap(d: Path, spec: dict) -> bool:
     """A complete run that stopped before the ``--train_steps`` of its spec (early stopping ended it)."""
-    args = spec.get("args", [])
-    cap = int(args[args.index("--train_steps") + 1])
-    return int(json.loads((d / "done.json").read_text()).get("steps", cap)) < cap
+    cap = _split_cap(spec)[1]
+    return cap is not None and int(json.loads((d / "done.json").read_text()).get("steps", cap)) < cap
 
 
 def prune_checkpoints(directory: Path) -> None:
