@@ -51,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import exit_process
+
+    exit_process(main())  # not sys.exit: see exit_process (a teardown abort after a finished run)
