@@ -167,22 +167,29 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
         return {"policy": "mat", "alpha": float(m.group(1)), "beta": float(m.group(2)), **base}
     if method in SWEEP_OPTIONS:
         return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base, **SWEEP_OPTIONS[method]}
+    # rand and raptr derive a setting from another run (mat's mean active fraction, full's length). The value is fixed
+    # when they start: continuing mat or full later (a larger --cap) moves it, and must not turn a finished rand/raptr
+    # run into a different spec that trains again from scratch.
     if method == "rand":
-        # The fraction is fixed when rand starts: continuing mat later (a larger --cap) moves its mean active fraction
-        # by a little, and must not turn a finished rand run into a different spec that trains again from scratch.
-        started = plots.run_dir(out, seed, "rand") / "spec.json"
-        if started.is_file():
-            frac = json.loads(started.read_text())["ds_config"]["mat"]["rand_active_fraction"]
-        else:
+        frac = _started_setting(out, seed, method, "rand_active_fraction")
+        if frac is None:
             frac = pt.mat_active_fraction(plots.read_rows(plots.run_dir(out, seed, "mat") / "metrics.jsonl"),
                                           scale.mat_warmup)
         return pt.mat_block("rand", scale, seed, 0, frac)
     if method == "raptr":
         full_rows = plots.read_rows(plots.run_dir(out, seed, "full") / "metrics.jsonl")
-        return pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)
+        block = pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)
+        started = _started_setting(out, seed, method, "raptr_schedule")
+        return block if started is None else {**block, "raptr_schedule": started}
     if method == "multirate":
         return pt.mat_block("multirate", scale, seed, 0, None)
     raise ValueError(f"unknown converge method {method!r}")
+
+
+def _started_setting(out: Path, seed: int, method: str, key: str):
+    """``key`` of the ``"mat"`` block a started run recorded in its spec.json (None before it started)."""
+    spec = plots.run_dir(out, seed, method) / "spec.json"
+    return json.loads(spec.read_text())["ds_config"]["mat"].get(key) if spec.is_file() else None
 
 
 def depends_on(method: str) -> list[str]:

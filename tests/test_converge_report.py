@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import converge as cv
+from benchmarks import paper_table as pt
 from benchmarks import plots
 
 
@@ -117,6 +118,21 @@ def test_rand_keeps_the_fraction_it_started_with(tmp_path):
     assert cv.method_block("rand", s, 1, tmp_path)["rand_active_fraction"] == pytest.approx(0.25)
 
 
+def test_raptr_keeps_the_schedule_it_started_with(tmp_path):
+    """raptr's stages are thirds of full's length; once raptr started, a full continued under a larger cap keeps them."""
+    s = cv.CONVERGE
+    full = plots.run_dir(tmp_path, 1, "full")
+    full.mkdir(parents=True)
+    (full / "metrics.jsonl").write_text("".join(json.dumps({"trainer/step": t}) + "\n" for t in (3000, 6000)))
+    block = cv.method_block("raptr", s, 1, tmp_path)
+    assert block["raptr_schedule"] == pt.raptr_schedule(s.n_layer, 6000)
+    raptr = plots.run_dir(tmp_path, 1, "raptr")
+    raptr.mkdir(parents=True)
+    (raptr / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}}))
+    (full / "metrics.jsonl").write_text("".join(json.dumps({"trainer/step": t}) + "\n" for t in (3000, 6000, 9000)))
+    assert cv.method_block("raptr", s, 1, tmp_path) == block
+
+
 def test_run_pool_respects_dependencies_jobs_and_failures():
     order, live, peak, lock = [], [0], [0], threading.Lock()
     finished: set = set()
@@ -176,8 +192,6 @@ def test_write_section_replaces_only_its_block(tmp_path):
 
 
 def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
-    from benchmarks import paper_table as pt
-
     old = {"ds_config": {"a": 1}, "args": ["--seed", "1", "--train_steps", "5000", "--patience", "6"], "num_gpus": 1}
     longer = {**old, "args": ["--seed", "1", "--train_steps", "8000", "--patience", "6"]}
     shorter = {**old, "args": ["--seed", "1", "--train_steps", "4000", "--patience", "6"]}
