@@ -41,9 +41,11 @@ from typing import Callable, Optional
 import numpy as np
 
 try:
+    from benchmarks import launching
     from benchmarks import paper_table as pt
     from benchmarks import plots
 except ImportError:  # python benchmarks/paper_table.py
+    import launching  # type: ignore[no-redef]
     import paper_table as pt  # type: ignore[no-redef]
     import plots  # type: ignore[no-redef]
 
@@ -249,7 +251,7 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again
-        pt.ensure_run(out, seed, method, cfg, flags, scale, keep_checkpoints=True)
+        launching.ensure_run(out, seed, method, cfg, flags, scale.num_gpus, keep_checkpoints=True)
 
     def done(seed: int, method: str) -> bool:
         return plots.is_complete(plots.run_dir(out, seed, method))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import converge as cv
+from benchmarks import launching
 from benchmarks import paper_table as pt
 from benchmarks import plots
 
@@ -196,13 +197,14 @@ def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
     longer = {**old, "args": ["--seed", "1", "--train_steps", "8000", "--patience", "6"]}
     shorter = {**old, "args": ["--seed", "1", "--train_steps", "4000", "--patience", "6"]}
     other = {**longer, "ds_config": {"a": 2}}
-    assert pt._extends(old, longer) and not pt._extends(old, shorter) and not pt._extends(old, other)
-    assert not pt._extends(old, old)
+    assert launching.extends_cap(old, longer)
+    assert not launching.extends_cap(old, shorter) and not launching.extends_cap(old, other)
+    assert not launching.extends_cap(old, old)
     # a longer cap continues only the runs the old cap ended, not those early stopping ended
     (tmp_path / "done.json").write_text(json.dumps({"steps": 4300}))
-    assert pt._ended_before_cap(tmp_path, old)
+    assert launching.ended_before_cap(tmp_path, old)
     (tmp_path / "done.json").write_text(json.dumps({"steps": 5000}))
-    assert not pt._ended_before_cap(tmp_path, old)
+    assert not launching.ended_before_cap(tmp_path, old)
     with pytest.raises(SystemExit):  # --cap is a converge option
         pt.parse_args(["--cap", "9000"])
     args = pt.parse_args(["--converge", "--cap", "12000", "--report_only"])
@@ -211,5 +213,5 @@ def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
     for tag in ("global_step500", "global_step1000"):
         (ck / tag).mkdir(parents=True)
     (ck / "latest").write_text("global_step1000")
-    pt.prune_checkpoints(ck)
+    launching.prune_checkpoints(ck)
     assert sorted(p.name for p in ck.iterdir()) == ["global_step1000", "latest"]
