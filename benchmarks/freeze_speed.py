@@ -22,6 +22,7 @@ import mat_ds
 from mat_ds.config import add_cli_arguments, from_cli, load_deepspeed_config
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.data import global_positions, make_batch, prepare_data
+from mat_ds.distributed import exit_process
 from mat_ds.models.flops import FlopsModel
 from mat_ds.models.transformer import Transformer
 from mat_ds.train import deepspeed_config
@@ -117,3 +118,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

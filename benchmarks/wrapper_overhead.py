@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 import mat_ds
+from mat_ds.distributed import exit_process
 
 FAMILIES = ("bert", "gpt2", "llama")
 
@@ -384,3 +385,4 @@ def report(r: dict) -> str:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

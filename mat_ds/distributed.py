@@ -68,8 +68,9 @@ def exit_process(code: int) -> None:
     exception", exit -6) once in CI (not reproduced in 11 runs here), after every step, checkpoint and log line was
     written. The likely cause is the one pytorch/pytorch#179291 describes: C++ objects still referenced from Python
     (communication handles DeepSpeed keeps) destroyed during interpreter finalization. Nothing is left to do at that
-    point, so the command-line entry points flush and leave with ``os._exit``: the launcher sees the run's own status
-    (0, or 2 for bad input), not a teardown race. Library code (``mat_ds.initialize`` users' scripts) never calls it.
+    point, so the command-line entry points (the trainer, and the benchmark and test scripts run under the launcher)
+    flush and leave with ``os._exit``: the launcher sees the run's own status (0, or 2 for bad input), not a teardown
+    race. Library code (``mat_ds.initialize`` users' scripts) never calls it.
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

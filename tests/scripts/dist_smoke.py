@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mat_ds.distributed import init_distributed, shutdown_distributed
+from mat_ds.distributed import exit_process, init_distributed, shutdown_distributed
 
 
 def main() -> None:
@@ -40,3 +40,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

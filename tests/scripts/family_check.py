@@ -43,6 +43,7 @@ from mat_ds.core.experts import record_routes
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.core.mntk import lambda_max, probe_units
 from mat_ds.core.units import find_units
+from mat_ds.distributed import exit_process
 from mat_ds.models.transformer import Transformer
 from tests.oracles import explicit_expert_grams, explicit_head_grams
 
@@ -439,3 +440,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

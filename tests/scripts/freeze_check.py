@@ -31,7 +31,7 @@ from torch import nn
 
 import mat_ds
 from mat_ds.core.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
-from mat_ds.distributed import init_distributed, shutdown_distributed
+from mat_ds.distributed import exit_process, init_distributed, shutdown_distributed
 
 D, K, N_HEADS, MICRO, ACCUM = 13, 7, 4, 8, 2
 FROZEN = [1, 3]
@@ -277,3 +277,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import mat_ds
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.core.mntk import lambda_max, probe_units
+from mat_ds.distributed import exit_process
 from tests.oracles import explicit_unit_grams
 from tests.scripts.family_check import opt_fragments  # fp32 master / Adam fragments per ZeRO stage
 
@@ -252,3 +253,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

@@ -38,7 +38,7 @@ from mat_ds.core.experts import find_moe_layers
 from mat_ds.core.freezing import GRADIENT_OPS, FreezeController, comm_bytes_snapshot
 from mat_ds.core.mntk import lambda_max, probe_units
 from mat_ds.core.units import find_units
-from mat_ds.distributed import init_distributed, shutdown_distributed
+from mat_ds.distributed import exit_process, init_distributed, shutdown_distributed
 from mat_ds.models.switch import switch_layers
 from mat_ds.models.transformer import Transformer
 from tests.oracles import explicit_expert_grams
@@ -215,3 +215,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

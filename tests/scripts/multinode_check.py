@@ -21,6 +21,7 @@ import os
 import sys
 
 from mat_ds.core.engine import MATController
+from mat_ds.distributed import exit_process
 
 LAUNCH_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "OMP_NUM_THREADS", "PYTHONPATH")
@@ -68,4 +69,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see mat_ds.distributed.exit_process

@@ -63,6 +63,7 @@ from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.core.headwise import HeadwiseLinear, HeadwiseLinearFn
 from mat_ds.core.mntk import lambda_max, probe_units
 from mat_ds.core.units import find_units
+from mat_ds.distributed import exit_process
 from mat_ds.models.transformer import Block
 from tests.oracles import explicit_head_grams
 from tests.scripts import family_check as fc
@@ -564,3 +565,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

@@ -24,6 +24,7 @@ from torch import nn
 
 import mat_ds
 from mat_ds.core.headwise import HeadwiseLinear
+from mat_ds.distributed import exit_process
 
 VOCAB, T = 64, 12
 
@@ -195,3 +196,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process

@@ -37,7 +37,7 @@ from mat_ds.core.config import MATConfig
 from mat_ds.core.freezing import comm_bytes_snapshot
 from mat_ds.core.mntk import lambda_max, probe_units, resolve_split, zero3_owned_range
 from mat_ds.core.units import find_units
-from mat_ds.distributed import init_distributed, shutdown_distributed
+from mat_ds.distributed import exit_process, init_distributed, shutdown_distributed
 from mat_ds.models.transformer import Transformer
 from tests.oracles import explicit_head_grams
 
@@ -209,3 +209,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after the work is done: see mat_ds.distributed.exit_process
