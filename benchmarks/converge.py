@@ -14,8 +14,9 @@ on 2 cores two single-rank runs keep both busy without gloo's per-step synchroni
 own best. Nothing else differs between methods but the ``"mat"`` block (and, for Switch, the MoE flags).
 
 Methods: ``full``, ``mat`` (α 0.1, β 0.05, the defaults), ``rand`` (random heads at the active fraction MAT chose with
-the same seed), ``multirate``, ``raptr`` (stages in thirds of full's run length), and a Switch-MoE variant of the same
-model (4 experts in every 2nd block) trained ``switch_full`` and ``switch_mat`` (MAT on heads and experts). The sweep
+the same seed), ``multirate``, ``raptr`` (stages in thirds of full's run length; early stopping counts from its last
+stage), and a Switch-MoE variant of the same model (4 experts in every 2nd block) trained ``switch_full`` and
+``switch_mat`` (MAT on heads and experts). The sweep
 adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
 ``mat_logit_sum`` (probe output = sum of logits), ``mat_layer`` (per-layer threshold), ``mat_floor`` (at least 25 % of
 heads always train).
@@ -249,6 +250,8 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     def run_one(seed: int, method: str) -> None:
         cfg = pt.ds_config(method_block(method, scale, seed, out), scale)
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
+        if method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
+            flags += ["--patience_from", str(cfg["mat"]["raptr_schedule"][-1][0])]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again
         launching.ensure_run(out, seed, method, cfg, flags, scale.num_gpus, keep_checkpoints=True)

@@ -3,7 +3,8 @@
 A run directory holds ``spec.json`` (the DeepSpeed config + flags + rank count it was launched with), ``launch.log``,
 ``metrics.jsonl`` and, once it finished, ``done.json``. ``ensure_run`` skips a complete run with an unchanged spec,
 resumes an interrupted one from its last checkpoint, and continues a finished run whose only change is a larger step cap
-(``--train_steps``) from its kept final checkpoint. Used by ``benchmarks/paper_table.py`` and ``benchmarks/converge.py``.
+(``--train_steps``) or a later start of early stopping (``--patience_from``) from its kept final checkpoint. Used by
+``benchmarks/paper_table.py`` and ``benchmarks/converge.py``.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     if same and is_complete(d):
         print(f"[paper_table] seed {seed} {method:9s} already complete, skipped", flush=True)
         return read_rows(d / "metrics.jsonl")
-    # A finished run whose only change is a larger --train_steps goes on from its kept final checkpoint, unless it
-    # ended before its old cap (early stopping): a longer cap would not have changed it.
-    extend = old is not None and extends_cap(old, spec) and (d / "checkpoints" / "latest").is_file()
-    if extend and is_complete(d) and ended_before_cap(d, old):
-        print(f"[paper_table] seed {seed} {method:9s} ended by early stopping before its cap, kept", flush=True)
+    # A finished run whose only change is a larger --train_steps or a later --patience_from goes on from its kept
+    # final checkpoint, unless it would have ended the same under the new spec (then it is kept as it is).
+    extend = old is not None and continues(old, spec) and (d / "checkpoints" / "latest").is_file()
+    if extend and is_complete(d) and stop_is_final(d, old, spec):
+        print(f"[paper_table] seed {seed} {method:9s} would end the same under the new cap/patience_from, kept",
+              flush=True)
         return read_rows(d / "metrics.jsonl")
     earlier_seconds = 0.0
     if extend and (d / "done.json").is_file():
@@ -83,25 +85,41 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     return rows
 
 
-def _split_cap(spec: dict) -> tuple[dict, Optional[int]]:
-    """A run spec without its ``--train_steps``, and that cap (None when the spec has none)."""
-    args = list(spec.get("args", []))
-    if "--train_steps" not in args:
-        return spec, None
-    i = args.index("--train_steps")
-    return {**spec, "args": args[:i] + args[i + 2:]}, int(args[i + 1])
+def _split_continuable(spec: dict) -> tuple[dict, Optional[int], int]:
+    """A run spec without the two flags a finished run can be continued under (``--train_steps``, the step cap, and
+    ``--patience_from``, where early stopping starts counting), and their values (cap None when the spec has none)."""
+    args, found = list(spec.get("args", [])), {}
+    for flag in ("--train_steps", "--patience_from"):
+        if flag in args:
+            i = args.index(flag)
+            found[flag] = int(args[i + 1])
+            args = args[:i] + args[i + 2:]
+    return {**spec, "args": args}, found.get("--train_steps"), found.get("--patience_from", 0)
 
 
-def extends_cap(old: dict, new: dict) -> bool:
-    """True if ``new`` differs from ``old`` only by a larger ``--train_steps`` (a longer cap for the same run)."""
-    (a, sa), (b, sb) = _split_cap(old), _split_cap(new)
-    return a == b and sa is not None and sb is not None and sb > sa
+def continues(old: dict, new: dict) -> bool:
+    """True if ``new`` is ``old`` with a larger step cap and/or a later ``--patience_from`` (and nothing else changed):
+    the finished run can go on from its final checkpoint instead of training again."""
+    (a, cap_a, from_a), (b, cap_b, from_b) = _split_continuable(old), _split_continuable(new)
+    return (a == b and cap_a is not None and cap_b is not None and cap_b >= cap_a and from_b >= from_a
+            and (cap_b, from_b) != (cap_a, from_a))
 
 
-def ended_before_cap(d: Path, spec: dict) -> bool:
-    """A complete run that stopped before the ``--train_steps`` of its spec (early stopping ended it)."""
-    cap = _split_cap(spec)[1]
-    return cap is not None and int(json.loads((d / "done.json").read_text()).get("steps", cap)) < cap
+def stop_is_final(d: Path, old: dict, new: dict) -> bool:
+    """A complete run (spec ``old``) that would have ended at the same step under ``new`` (see ``continues``).
+
+    Ended by its cap: only a larger cap moves it. Ended by early stopping: a larger cap changes nothing, a later
+    ``--patience_from`` changes nothing while the best evaluation it counted is at or after that step (the same
+    evaluations follow the same best); otherwise the run would have gone on."""
+    _, cap_old, from_old = _split_continuable(old)
+    _, cap_new, from_new = _split_continuable(new)
+    steps = int(json.loads((d / "done.json").read_text()).get("steps", cap_old))
+    if steps >= cap_old:
+        return cap_new <= cap_old
+    rows = read_rows(d / "metrics.jsonl")
+    key = "test/loss" if any("test/loss" in r for r in rows) else "val/loss"
+    counted = [(r[key], r["trainer/step"]) for r in rows if key in r and r["trainer/step"] >= from_old]
+    return not counted or min(counted)[1] >= from_new
 
 
 def prune_checkpoints(directory: Path) -> None:

@@ -146,13 +146,17 @@ class RunConfig:
                                 "train_steps stays a cap.", default=0.0)
     patience: int = _help("Stop after this many consecutive evaluations without a new lowest test loss (validation "
                           "loss without test data); 0 = off. train_steps stays a cap.", default=0)
+    patience_from: int = _help("Early stopping counts only evaluations at or after this step (0 = all): a staged "
+                               "schedule (RaPTr's growing paths) is judged from its last stage, not stopped on the "
+                               "plateau of an earlier one.", default=0)
 
     def __post_init__(self) -> None:
         _check_int("train_steps", self.train_steps, 1)
-        for name in ("eval_interval", "eval_batches", "save_interval", "patience"):
+        for name in ("eval_interval", "eval_batches", "save_interval", "patience", "patience_from"):
             _check_int(name, getattr(self, name), 0)
         _check_int("log_interval", self.log_interval, 1)
         _check(not self.patience or self.eval_interval > 0, "patience needs eval_interval > 0 (it counts evaluations)")
+        _check(not self.patience_from or self.patience, "patience_from needs patience > 0 (it delays early stopping)")
         _check(self.flops_budget >= 0, f"flops_budget={self.flops_budget} must be >= 0")
         _check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         _check(self.resume.strip() != "", "resume must be 'auto', 'never' or a checkpoint tag")

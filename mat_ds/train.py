@@ -52,6 +52,7 @@ class Progress:
     refresh_seconds: float = 0.0  # wall-clock spent in mNTK refreshes + policy decisions
     best_eval: float = float("inf")  # lowest monitored evaluation loss so far (RunConfig.patience)
     evals_since_best: int = 0  # evaluations since that best
+    patience_from: int = 0  # the RunConfig.patience_from that best_eval / evals_since_best were counted under
 
 
 def _seed_step(seed: int, step: int, micro_index: int) -> None:
@@ -147,11 +148,16 @@ class Trainer:
         self.flops = FlopsModel.for_run(flops_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len,
                                          data_cfg.mlm_probability)
         self.verify_frozen = verify_frozen and self.mat is not None
-        self.progress = Progress()
+        self.progress = Progress(patience_from=run_cfg.patience_from)
 
         state = checkpoint.load(self.engine, run_cfg.save_dir, run_cfg.resume)  # restores engine.mat's state too
         if state is not None:
             self.progress = Progress(**state["progress"])
+            if self.progress.patience_from != run_cfg.patience_from:
+                # A run continued under a different patience_from (e.g. the converge harness's raptr): the restored
+                # count was made under the old rule, so early stopping starts counting afresh from here.
+                self.progress.best_eval, self.progress.evals_since_best = float("inf"), 0
+                self.progress.patience_from = run_cfg.patience_from
         stage = int(self.engine.zero_optimization_stage())
         self.config_dict = {**as_dict(model_cfg, data_cfg, run_cfg, self.mat_cfg), "deepspeed": ds_config,
                             "world_size": self.world, "zero_stage": stage,
@@ -326,8 +332,11 @@ class Trainer:
 
     def _track_best(self, loss: float) -> None:
         """Early stopping's bookkeeping: the test loss when there is test data (the paper's "best test loss" regime:
-        train until it has bottomed out), else the validation loss."""
+        train until it has bottomed out), else the validation loss; evaluations before ``patience_from`` do not
+        count."""
         p = self.progress
+        if p.step < self.run_cfg.patience_from:
+            return
         if loss < p.best_eval:
             p.best_eval, p.evals_since_best = loss, 0
         else:

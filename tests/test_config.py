@@ -57,6 +57,11 @@ def test_model_data_run_checks():
         DataConfig(train_data=" ")
     with pytest.raises(ConfigError, match="train_steps"):
         RunConfig(train_steps=0)
+    with pytest.raises(ConfigError, match="patience_from needs patience"):
+        RunConfig(patience_from=100, eval_interval=10)
+    with pytest.raises(ConfigError, match="patience_from"):
+        RunConfig(patience_from=-1, patience=2, eval_interval=10)
+    assert RunConfig(patience_from=100, patience=2, eval_interval=10).patience_from == 100
     run = RunConfig(out_dir="runs/x/")
     assert run.save_dir == "runs/x/checkpoints" and run.run_name == "x"
 

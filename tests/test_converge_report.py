@@ -196,19 +196,23 @@ def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
     old = {"ds_config": {"a": 1}, "args": ["--seed", "1", "--train_steps", "5000", "--patience", "6"], "num_gpus": 1}
     longer = {**old, "args": ["--seed", "1", "--train_steps", "8000", "--patience", "6"]}
     shorter = {**old, "args": ["--seed", "1", "--train_steps", "4000", "--patience", "6"]}
+    later = {**old, "args": [*old["args"], "--patience_from", "3000"]}
     other = {**longer, "ds_config": {"a": 2}}
-    assert launching.extends_cap(old, longer)
-    assert not launching.extends_cap(old, shorter) and not launching.extends_cap(old, other)
-    assert not launching.extends_cap(old, old)
-    # a longer cap continues only the runs the old cap ended, not those early stopping ended
+    assert launching.continues(old, longer) and launching.continues(old, later)
+    assert not launching.continues(old, shorter) and not launching.continues(old, other)
+    assert not launching.continues(old, old) and not launching.continues(later, old)
+    rows = [{"trainer/step": s, "test/loss": v} for s, v in ((1000, 5.0), (2000, 4.0), (2500, 4.1), (4300, 4.2))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # ended by early stopping (4300 < 5000), best at 2000: a longer cap would not change it, patience counted only
+    # from 3000 would have let it go on
     (tmp_path / "done.json").write_text(json.dumps({"steps": 4300}))
-    assert launching.ended_before_cap(tmp_path, old)
+    assert launching.stop_is_final(tmp_path, old, longer)
+    assert not launching.stop_is_final(tmp_path, old, later)
+    assert launching.stop_is_final(tmp_path, old, {**old, "args": [*old["args"], "--patience_from", "2000"]})
+    # ended by its cap: a longer cap continues it, a later patience_from alone does not
     (tmp_path / "done.json").write_text(json.dumps({"steps": 5000}))
-    assert not launching.ended_before_cap(tmp_path, old)
-    with pytest.raises(SystemExit):  # --cap is a converge option
-        pt.parse_args(["--cap", "9000"])
-    args = pt.parse_args(["--converge", "--cap", "12000", "--report_only"])
-    assert args.cap == 12000
+    assert not launching.stop_is_final(tmp_path, old, longer)
+    assert launching.stop_is_final(tmp_path, old, later)
     ck = tmp_path / "checkpoints"
     for tag in ("global_step500", "global_step1000"):
         (ck / tag).mkdir(parents=True)

@@ -257,3 +257,13 @@ def test_patience_stops_when_the_test_loss_stops_improving(tmp_path):
     tests = [r["test/loss"] for r in rows if "test/loss" in r]
     assert max(r["trainer/step"] for r in rows) == 6 and len(tests) == 3
     assert tests[0] == tests[1] == tests[2]  # nothing moved: no new best after the first evaluation
+
+    # --patience_from 8: the evaluations at 2-6 do not count; 8 is the best, 10 and 12 are not better: stop at 12
+    train(tmp_path, str(path), "es_from", "--train_steps", "50", "--eval_interval", "2", "--patience", "2",
+          "--patience_from", "8", "--test_data", "default", num_gpus=1)
+    assert max(r["trainer/step"] for r in metrics(tmp_path, "es_from")) == 12
+    # The stopped run continued from its final checkpoint under a later patience_from counts afresh (the restored
+    # count would stop it at once, at 6): 8 is ignored (< 10), 10 is the best, 12 and 14 are not: stop at 14
+    train(tmp_path, str(path), "es", "--train_steps", "50", "--eval_interval", "2", "--patience", "2",
+          "--patience_from", "10", "--test_data", "default", "--resume", "auto", num_gpus=1)
+    assert max(r["trainer/step"] for r in metrics(tmp_path, "es")) == 14
