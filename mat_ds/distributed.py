@@ -65,7 +65,7 @@ def exit_process(code: int) -> None:
     """End a command-line run with ``code`` without interpreter finalization.
 
     After ``shutdown_distributed`` a ZeRO-3 gloo rank has still aborted at exit ("terminate called without an active
-    exception", exit -6) once in CI (not reproduced in 11 runs here), after every step, checkpoint and log line was
+    exception", exit -6) once in CI (not reproduced in 14 launches here), after every step, checkpoint and log line was
     written. The likely cause is the one pytorch/pytorch#179291 describes: C++ objects still referenced from Python
     (communication handles DeepSpeed keeps) destroyed during interpreter finalization. Nothing is left to do at that
     point, so the command-line entry points (the trainer, and the benchmark and test scripts run under the launcher)
