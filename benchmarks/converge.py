@@ -479,7 +479,9 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             "after its best than that was ended by its cap, see *Per seed*)",
             f"- {len(done)} complete runs: {train_h:.2f} h of training-loop time in all (summed over runs, resumed "
             f"launches included; evaluation and start-up not counted), {train_h / max(len(done), 1) * 60:.0f} min per "
-            f"run on average; runs went side by side, {meta.get('jobs')} at a time" if done else "- no complete runs yet",
+            f"run on average; runs went side by side as each command's `--jobs` says, on "
+            f"{meta.get('machine', {}).get('cpu_count', '?')} cores (invocations may overlap too, so wall-clock ratios "
+            "compare runs under different loads)" if done else "- no complete runs yet",
             "\n### Methods (mean ± std over seeds)\n", main_table, "",
             "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
             "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "
