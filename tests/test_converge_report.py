@@ -79,6 +79,12 @@ def test_per_seed_uses_the_right_reference_and_sweep_grid():
     assert np.isnan(grid).sum() == grid.size - 1
     name, agg, diff = cv.best_cell(ps)
     assert name == "mat_a0.3_b0.05" and diff.mean == pytest.approx(-0.3) and diff.n == 2
+    assert ps["mat_a0.3_b0.05"][1]["d_best_test"] == pytest.approx(-0.2)
+    # a cell run only on a seed where full itself did well has the lowest mean best test loss (3.5) but is worse
+    # than full on that seed: the best cell is ranked by the paired difference, not by the mean
+    lucky_full = rows_of(100, 10.0, u_curve(50, 3.0))
+    ps["mat_a0.05_b0"] = {3: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 3.5)), lucky_full)}
+    assert cv.best_cell(ps)[0] == "mat_a0.3_b0.05"
     # the default cell is read from the mat run (not trained twice as a sweep run)
     assert "mat_a0.1_b0.05" not in cv.sweep_methods() and cv.cell_method(0.1, 0.05) == "mat"
     ps["mat"] = {1: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 4.2)), full)}
