@@ -334,10 +334,13 @@ def plot_heatmap(grid: np.ndarray, title: str, path: Path, fmt: str = "{:.3f}",
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(SWEEP_BETAS)), [f"β={b:g}" for b in SWEEP_BETAS])
     ax.set_yticks(range(len(SWEEP_ALPHAS)), [f"α={a:g}" for a in SWEEP_ALPHAS])
+    lo, hi = (np.nanmin(grid), np.nanmax(grid)) if np.isfinite(grid).any() else (0.0, 1.0)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", color="white", fontsize=9)
+                light = (grid[i, j] - lo) / max(hi - lo, 1e-12) < 0.35  # the yellow end of viridis_r: dark text
+                ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", color="black" if light else "white",
+                        fontsize=9)
             else:
                 has_run = ran is not None and bool(ran[i, j])
                 ax.text(j, i, "not reached" if has_run else "not run", ha="center", va="center",
