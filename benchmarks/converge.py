@@ -398,9 +398,9 @@ def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
     cands = [m for m in sweep_methods() + ["mat"] if m in ps]
     if not cands:
         return None
-    mean = {m: pt.Agg.of([v["d_best_test"] for v in ps[m].values()]).mean for m in cands}
-    m = min(cands, key=lambda k: mean[k])
-    return m, pt.Agg.of([v["best_test"] for v in ps[m].values()]), pt.paired_diff(ps, m, "full", "best_test")
+    diff = {m: pt.Agg.of([v["d_best_test"] for v in ps[m].values()]) for m in cands}
+    m = min(cands, key=lambda k: diff[k].mean)
+    return m, pt.Agg.of([v["best_test"] for v in ps[m].values()]), diff[m]
 
 
 def reading(ps: dict) -> list[str]:
