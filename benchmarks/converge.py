@@ -267,6 +267,36 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     return run_pool(tasks, run_one, done, args.jobs)
 
 
+# The issue's budget for the whole methods table on this machine (2 cores), used only to say in the report how far the
+# measured compute is from it: FLOPs over cores x time is a floor no scheduling can beat.
+TARGET_HOURS = 3.0
+
+
+def compute_budget(runs: dict[int, dict[str, list[dict]]], methods: list[str], cores: int,
+                   target_hours: float = TARGET_HOURS) -> dict[str, float]:
+    """What the finished runs of ``methods`` cost, and the throughput a ``target_hours`` budget would need.
+
+    ``flops``/``train_hours``: summed over runs (last logged cumulative value of each). ``gflops_per_run``: the median
+    over runs of FLOPs / training seconds (each run is one single-threaded rank). ``needed_gflops_per_core``: the
+    table's FLOPs spread over ``cores`` x ``target_hours``. ``floor_hours``: the table's FLOPs at the measured median
+    rate on ``cores`` cores side by side, i.e. the wall-clock of a perfect schedule."""
+    flops, secs, rates = 0.0, 0.0, []
+    for seed in runs:
+        for m in methods:
+            rows = [r for r in runs[seed].get(m, []) if "perf/flops_cumulative" in r]
+            if not rows:
+                continue
+            f = max(r["perf/flops_cumulative"] for r in rows)
+            t = max(r.get("perf/train_seconds_cumulative", 0.0) for r in rows)
+            flops, secs = flops + f, secs + t
+            if t > 0:
+                rates.append(f / t / 1e9)
+    rate = float(np.median(rates)) if rates else float("nan")
+    return {"runs": float(len(rates)), "flops": flops, "train_hours": secs / 3600, "gflops_per_run": rate,
+            "needed_gflops_per_core": flops / (cores * target_hours * 3600) / 1e9,
+            "floor_hours": flops / (cores * rate * 1e9) / 3600 if rates else float("nan")}
+
+
 def load(out: Path, seeds: list[int], methods: list[str]) -> dict[int, dict[str, list[dict]]]:
     runs: dict[int, dict[str, list[dict]]] = {}
     for s in seeds:
@@ -446,6 +476,19 @@ def in_progress(out: Path, seeds: list[int], methods: list[str]) -> str:
                       *lines])
 
 
+def _budget_line(runs: dict, sc: dict, meta: dict) -> list[str]:
+    """The methods table's compute against the issue's time budget (one bullet), or nothing before any run."""
+    cores = int(meta.get("machine", {}).get("cpu_count") or 2)
+    b = compute_budget(runs, [m for m in TABLE_METHODS], cores)
+    if not b["runs"]:
+        return []
+    return [f"- the methods table ({b['runs']:.0f} runs) is {b['flops'] / 1e15:.2f} PFLOP (probe included), "
+            f"{b['train_hours']:.1f} h of training-loop time; fitting it into {TARGET_HOURS:g} h on {cores} cores "
+            f"needs {b['needed_gflops_per_core']:.0f} GFLOP/s per core, the runs sustained "
+            f"{b['gflops_per_run']:.0f} (median, one thread each), so even a perfect schedule takes "
+            f"{b['floor_hours']:.1f} h here"]
+
+
 def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str:
     methods = list(TABLE_METHODS) + sweep_methods()
     runs = load(out, seeds, methods)
@@ -492,6 +535,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             f"run on average; runs went side by side as each command's `--jobs` says, on "
             f"{meta.get('machine', {}).get('cpu_count', '?')} cores (invocations may overlap too, so wall-clock ratios "
             "compare runs under different loads)" if done else "- no complete runs yet",
+            *_budget_line(runs, sc, meta),
             "\n### Methods (mean ± std over seeds)\n", main_table, "",
             "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
             "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "

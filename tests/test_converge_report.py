@@ -192,6 +192,8 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert "| rand | 1 | 40 | 4.210 | 40 | 4.210 |" in text and "| rand (full)" not in text
     assert "### α/β landscape" in text and "| mat_floor (full) | 1 | 3.950" in text
     assert "`mat_floor` vs `full`: best test loss 0.050 lower (better) (one seed" in text
+    # 4 table runs of 100 steps x 10 FLOPs at 1 s/step: 4000 FLOPs, 400 s
+    assert "- the methods table (4 runs) is 0.00 PFLOP (probe included), 0.1 h of training-loop time" in text
     assert (results.parent / "converge_sweep_best_test.png").stat().st_size > 0
     cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
     assert results.read_text().count(cv.MARK_BEGIN) == 1
@@ -225,3 +227,18 @@ def test_longer_cap_extends_a_finished_run_and_pruning_keeps_latest(tmp_path):
     (ck / "latest").write_text("global_step1000")
     launching.prune_checkpoints(ck)
     assert sorted(p.name for p in ck.iterdir()) == ["global_step1000", "latest"]
+
+
+def test_compute_budget_by_hand():
+    # three table runs: 1, 4 and 9 GFLOP/s (median 4, mean 4.67), 1.1e12 FLOPs and 100 + 25 + 100 s in all
+    runs = {1: {"full": rows_of(100, 1e9, u_curve(50, 4.0)),
+                "mat": rows_of(50, 2e9, u_curve(25, 4.0), seconds_per_step=0.5),
+                "mat_floor": rows_of(100, 1e12, u_curve(50, 4.0))},  # not asked for: not counted
+            2: {"rand": rows_of(100, 9e9, u_curve(50, 4.0))}}
+    b = cv.compute_budget(runs, ["full", "mat", "rand"], cores=2, target_hours=1.0)
+    assert b["runs"] == 3 and b["flops"] == pytest.approx(1e11 + 1e11 + 9e11)
+    assert b["train_hours"] == pytest.approx(225 / 3600)
+    assert b["gflops_per_run"] == pytest.approx(4.0)
+    assert b["needed_gflops_per_core"] == pytest.approx(1.1e12 / (2 * 3600) / 1e9)
+    assert b["floor_hours"] == pytest.approx(1.1e12 / (2 * 4e9) / 3600)
+    assert cv.compute_budget({}, ["full"], cores=2)["runs"] == 0
