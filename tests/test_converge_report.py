@@ -184,7 +184,8 @@ def test_write_section_replaces_only_its_block(tmp_path):
     results = tmp_path / "docs" / "results.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nshort-run table\n\n## Discussion\n\nhuman text\n")
-    meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6}
+    meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6,
+            "machine": {"cpu_count": 2}}
     cv.write_section(results, out, meta, [1, 2])
     text = results.read_text()
     assert text.index("short-run table") < text.index(cv.MARK_BEGIN) < text.index("## Discussion")
