@@ -476,14 +476,17 @@ def in_progress(out: Path, seeds: list[int], methods: list[str]) -> str:
                       *lines])
 
 
-def _budget_line(runs: dict, meta: dict) -> list[str]:
+def _budget_line(runs: dict, meta: dict, seeds: list[int]) -> list[str]:
     """The methods table's compute against the issue's time budget (one bullet); nothing before any run or when the
-    machine's core count was not recorded (the floor depends on it, so it is not guessed)."""
+    machine's core count was not recorded (the floor depends on it, so it is not guessed). A table with runs still
+    missing says so: its figures cover only the runs it has."""
     cores = meta.get("machine", {}).get("cpu_count")
     b = compute_budget(runs, list(TABLE_METHODS), cores or 1)
     if not b["runs"] or not cores:
         return []
-    return [f"- the methods table ({b['runs']:.0f} runs) is {b['flops'] / 1e15:.2f} PFLOP (probe included), "
+    n, expected = int(b["runs"]), len(TABLE_METHODS) * len(seeds)
+    what = f"({n} runs)" if n >= expected else f"so far ({n} of its {expected} runs)"
+    return [f"- the methods table {what} is {b['flops'] / 1e15:.2f} PFLOP (probe included), "
             f"{b['train_hours']:.1f} h of training-loop time; fitting it into {TARGET_HOURS:g} h on {cores} cores "
             f"needs {b['needed_gflops_per_core']:.0f} GFLOP/s per core, the runs sustained "
             f"{b['gflops_per_run']:.0f} (median, one thread each), so even a perfect schedule takes "
@@ -536,7 +539,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             f"run on average; runs went side by side as each command's `--jobs` says, on "
             f"{meta.get('machine', {}).get('cpu_count', '?')} cores (invocations may overlap too, so wall-clock ratios "
             "compare runs under different loads)" if done else "- no complete runs yet",
-            *_budget_line(runs, meta),
+            *_budget_line(runs, meta, seeds),
             "\n### Methods (mean ± std over seeds)\n", main_table, "",
             "*FLOPs / time to ref's best*: cumulative FLOPs (probe included) / training seconds at the first evaluation "
             "whose test loss ≤ the reference run's best (same seed), divided by the reference's at its best. *FLOPs to "

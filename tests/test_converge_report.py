@@ -193,8 +193,8 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert "| rand | 1 | 40 | 4.210 | 40 | 4.210 |" in text and "| rand (full)" not in text
     assert "### α/β landscape" in text and "| mat_floor (full) | 1 | 3.950" in text
     assert "`mat_floor` vs `full`: best test loss 0.050 lower (better) (one seed" in text
-    # 4 table runs of 100 steps x 10 FLOPs at 1 s/step: 4000 FLOPs, 400 s
-    assert "- the methods table (4 runs) is 0.00 PFLOP (probe included), 0.1 h of training-loop time" in text
+    # 4 table runs (of 7 methods x 2 seeds) of 100 steps x 10 FLOPs at 1 s/step: 4000 FLOPs, 400 s
+    assert "- the methods table so far (4 of its 14 runs) is 0.00 PFLOP (probe included), 0.1 h of training-loop time" in text
     assert (results.parent / "converge_sweep_best_test.png").stat().st_size > 0
     cv.write_section(results, out, meta, [1, 2])  # idempotent: one block
     assert results.read_text().count(cv.MARK_BEGIN) == 1
@@ -243,3 +243,13 @@ def test_compute_budget_by_hand():
     assert b["needed_gflops_per_core"] == pytest.approx(1.1e12 / (2 * 3600) / 1e9)
     assert b["floor_hours"] == pytest.approx(1.1e12 / (2 * 4e9) / 3600)
     assert cv.compute_budget({}, ["full"], cores=2)["runs"] == 0
+
+
+def test_budget_line_says_when_the_table_is_incomplete():
+    meta = {"machine": {"cpu_count": 2}}
+    one_seed = {1: {m: rows_of(100, 1e9, u_curve(50, 4.0)) for m in cv.TABLE_METHODS}}
+    assert cv._budget_line(one_seed, meta, [1])[0].startswith(f"- the methods table ({len(cv.TABLE_METHODS)} runs) is")
+    # the same runs read against two seeds: half the table is missing, and the line says so
+    assert cv._budget_line(one_seed, meta, [1, 2])[0].startswith(
+        f"- the methods table so far ({len(cv.TABLE_METHODS)} of its {2 * len(cv.TABLE_METHODS)} runs) is")
+    assert cv._budget_line(one_seed, {}, [1]) == []  # no core count recorded: no floor guessed
