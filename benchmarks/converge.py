@@ -19,7 +19,8 @@ stage), and a Switch-MoE variant of the same model (4 experts in every 2nd block
 ``switch_mat`` (MAT on heads and experts). The sweep
 adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
 ``mat_logit_sum`` (probe output = sum of logits), ``mat_layer`` (per-layer threshold), ``mat_floor`` (at least 25 % of
-heads always train).
+heads always train), and one control, ``rand_a0.05_b0`` (random heads at the active fraction ``mat_a0.05_b0`` chose
+with the same seed: ``rand`` for the cell that tied with full).
 
 Reported per method (mean ± std over seeds; paired differences per seed): best test loss and its paired difference
 vs full; FLOPs and training wall-clock to reach full's best test loss (ratios to full's at its best; "not reached"
@@ -68,6 +69,10 @@ SWEEP_ALPHAS = (0.05, 0.1, 0.3, 0.5)
 SWEEP_BETAS = (0.0, 0.05, 0.2)
 SWEEP_OPTIONS = {"mat_logit_sum": {"probe_output": "logit_sum"}, "mat_layer": {"threshold_scope": "layer"},
                  "mat_floor": {"min_active_fraction": 0.25}}
+# Controls for a sweep cell: random heads at the active fraction that cell's MAT run chose (same seed), so a cell that
+# beats full can be told apart from "freezing this many heads at random would have done it too". ``rand`` is the
+# control of the default cell (``mat``); this one is for the cell that tied or won in the runs so far.
+SWEEP_CONTROLS = ("rand_a0.05_b0",)
 MARK_BEGIN, MARK_END = "<!-- converge:begin -->", "<!-- converge:end -->"
 
 
@@ -82,9 +87,9 @@ def cell_method(alpha: float, beta: float) -> str:
 
 
 def sweep_methods() -> list[str]:
-    """The runs ``--sweep`` adds: every α/β cell except the default one (``mat``), then the option runs."""
+    """The runs ``--sweep`` adds: every α/β cell except the default one (``mat``), the option runs, the controls."""
     cells = [cell_method(a, b) for a in SWEEP_ALPHAS for b in SWEEP_BETAS]
-    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS)
+    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(SWEEP_CONTROLS)
 
 
 def reference_of(method: str) -> str:
@@ -176,10 +181,11 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
     # rand and raptr derive a setting from another run (mat's mean active fraction, full's length). The value is fixed
     # when they start: continuing mat or full later (a larger --cap) moves it, and must not turn a finished rand/raptr
     # run into a different spec that trains again from scratch.
-    if method == "rand":
+    if method == "rand" or method in SWEEP_CONTROLS:
         frac = _started_setting(out, seed, method, "rand_active_fraction")
         if frac is None:
-            frac = pt.mat_active_fraction(plots.read_rows(plots.run_dir(out, seed, "mat") / "metrics.jsonl"),
+            source = depends_on(method)[0]
+            frac = pt.mat_active_fraction(plots.read_rows(plots.run_dir(out, seed, source) / "metrics.jsonl"),
                                           scale.mat_warmup)
         return pt.mat_block("rand", scale, seed, 0, frac)
     if method == "raptr":
@@ -199,6 +205,9 @@ def _started_setting(out: Path, seed: int, method: str, key: str):
 
 
 def depends_on(method: str) -> list[str]:
+    """The runs of the same seed a method reads a setting from (they must finish first)."""
+    if method in SWEEP_CONTROLS:  # rand_a{α}_b{β}: the MAT cell it draws its active fraction from
+        return ["mat" + method[len("rand"):]]
     return {"rand": ["mat"], "raptr": ["full"]}.get(method, [])
 
 
@@ -425,7 +434,7 @@ def per_seed_lines(ps: dict, methods: list[str]) -> str:
 def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
     """The sweep cell (or option) with the lowest mean paired difference vs full in best test loss (ranking by the
     mean best test loss would favour a cell run only on the seed where full did best), with that difference."""
-    cands = [m for m in sweep_methods() + ["mat"] if m in ps]
+    cands = [m for m in sweep_methods() + ["mat"] if m in ps and m not in SWEEP_CONTROLS]  # a control is no cell
     if not cands:
         return None
     diff = {m: pt.Agg.of([v["d_best_test"] for v in ps[m].values()]) for m in cands}
@@ -436,7 +445,7 @@ def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
 def reading(ps: dict) -> list[str]:
     """Plain sentences generated from the numbers (no judgement is typed in by hand)."""
     out = []
-    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS):
+    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS, *SWEEP_CONTROLS):
         ref = reference_of(m)
         if m not in ps:
             continue

@@ -101,7 +101,8 @@ def test_method_blocks():
     assert cv.method_block("switch_full", s, 3, Path("/x")) == {"policy": "full"}
     from mat_ds.core.config import MATConfig
 
-    for m in ["mat", "switch_mat", "multirate", *cv.sweep_methods()]:  # every block is a valid "mat" config
+    controls = list(cv.SWEEP_CONTROLS)  # read another run's fraction: test_control_reads_its_own_cell
+    for m in ["mat", "switch_mat", "multirate", *[m for m in cv.sweep_methods() if m not in controls]]:
         MATConfig.from_dict(cv.method_block(m, s, 1, Path("/x")))
     with pytest.raises(ValueError):
         cv.method_block("nope", s, 1, Path("/x"))
@@ -123,6 +124,27 @@ def test_rand_keeps_the_fraction_it_started_with(tmp_path):
     rows += [{"trainer/step": t, "mat/active_fraction": 0.0625} for t in range(s.mat_warmup + 11, s.mat_warmup + 31)]
     (mat / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # mat continued
     assert cv.method_block("rand", s, 1, tmp_path)["rand_active_fraction"] == pytest.approx(0.25)
+
+
+def test_control_reads_its_own_cell(tmp_path):
+    """rand_a0.05_b0 trains random heads at mat_a0.05_b0's fraction of the same seed (not mat's), after that run."""
+    s = cv.CONVERGE
+    for method, frac in (("mat", 0.0625), ("mat_a0.05_b0", 0.25)):
+        d = plots.run_dir(tmp_path, 2, method)
+        d.mkdir(parents=True)
+        rows = [{"trainer/step": t, "mat/active_fraction": frac} for t in range(s.mat_warmup + 1, s.mat_warmup + 11)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cv.depends_on("rand_a0.05_b0") == ["mat_a0.05_b0"]
+    block = cv.method_block("rand_a0.05_b0", s, 2, tmp_path)
+    assert block["policy"] == "rand" and block["rand_active_fraction"] == pytest.approx(0.25) and block["seed"] == 2
+    from mat_ds.core.config import MATConfig
+
+    MATConfig.from_dict(block)
+    # a control is not an α/β cell: it never becomes the "best cell" even when it has the lowest loss
+    full = rows_of(100, 10.0, u_curve(50, 4.0))
+    ps = {"mat_a0.05_b0": {2: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 3.9)), full)},
+          "rand_a0.05_b0": {2: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 3.8)), full)}}
+    assert cv.best_cell(ps)[0] == "mat_a0.05_b0"
 
 
 def test_raptr_keeps_the_schedule_it_started_with(tmp_path):
