@@ -204,6 +204,21 @@ def _started_setting(out: Path, seed: int, method: str, key: str):
     return json.loads(spec.read_text())["ds_config"]["mat"].get(key) if spec.is_file() else None
 
 
+def control_patience_from(out: Path, seed: int, method: str) -> int:
+    """Where a control's early stopping starts counting: the step of its cell's best test loss (same seed). Random
+    heads at a quarter of the model can sit on the unigram plateau for longer than the patience window (seen: a
+    control stopped at step 900, still on the plateau, where its cell left it at ~1500), so the control gets at least
+    the steps its cell needed before the plateau may end it. Fixed once the control started (its spec.json), as
+    rand's fraction is."""
+    spec = plots.run_dir(out, seed, method) / "spec.json"
+    if spec.is_file():
+        args = json.loads(spec.read_text())["args"]
+        if "--patience_from" in args:
+            return int(args[args.index("--patience_from") + 1])
+    c = plots.eval_curve(plots.read_rows(plots.run_dir(out, seed, depends_on(method)[0]) / "metrics.jsonl"))
+    return int(c["step"][int(np.nanargmin(c["test"]))])
+
+
 def depends_on(method: str) -> list[str]:
     """The runs of the same seed a method reads a setting from (they must finish first)."""
     if method in SWEEP_CONTROLS:  # rand_a{α}_b{β}: the MAT cell it draws its active fraction from
@@ -264,6 +279,8 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
         if method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
             flags += ["--patience_from", str(cfg["mat"]["raptr_schedule"][-1][0])]
+        if method in SWEEP_CONTROLS:
+            flags += ["--patience_from", str(control_patience_from(out, seed, method))]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again
         launching.ensure_run(out, seed, method, cfg, flags, scale.num_gpus, keep_checkpoints=True)

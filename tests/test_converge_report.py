@@ -140,6 +140,14 @@ def test_control_reads_its_own_cell(tmp_path):
     from mat_ds.core.config import MATConfig
 
     MATConfig.from_dict(block)
+    # early stopping counts from the step of the cell's best (a control must not end on the plateau its cell left)
+    cell = plots.run_dir(tmp_path, 2, "mat_a0.05_b0")
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(70, 3.9))))
+    assert cv.control_patience_from(tmp_path, 2, "rand_a0.05_b0") == 70
+    ctrl = plots.run_dir(tmp_path, 2, "rand_a0.05_b0")  # once started, its recorded value holds
+    ctrl.mkdir(parents=True)
+    (ctrl / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}, "args": ["--patience_from", "40"]}))
+    assert cv.control_patience_from(tmp_path, 2, "rand_a0.05_b0") == 40
     # a control is not an α/β cell: it never becomes the "best cell" even when it has the lowest loss
     full = rows_of(100, 10.0, u_curve(50, 4.0))
     ps = {"mat_a0.05_b0": {2: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 3.9)), full)},
