@@ -185,11 +185,11 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
         frac = _started_setting(out, seed, method, "rand_active_fraction")
         if frac is None:
             source = depends_on(method)[0]
-            frac = pt.mat_active_fraction(plots.read_rows(plots.run_dir(out, seed, source) / "metrics.jsonl"),
+            frac = pt.mat_active_fraction(plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, source))),
                                           scale.mat_warmup)
         return pt.mat_block("rand", scale, seed, 0, frac)
     if method == "raptr":
-        full_rows = plots.read_rows(plots.run_dir(out, seed, "full") / "metrics.jsonl")
+        full_rows = plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, "full")))
         block = pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)
         started = _started_setting(out, seed, method, "raptr_schedule")
         return block if started is None else {**block, "raptr_schedule": started}
@@ -215,7 +215,7 @@ def control_patience_from(out: Path, seed: int, method: str) -> int:
         args = json.loads(spec.read_text())["args"]
         if "--patience_from" in args:
             return int(args[args.index("--patience_from") + 1])
-    c = plots.eval_curve(plots.read_rows(plots.run_dir(out, seed, depends_on(method)[0]) / "metrics.jsonl"))
+    c = plots.eval_curve(plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, depends_on(method)[0]))))
     return int(c["step"][int(np.nanargmin(c["test"]))])
 
 
@@ -329,7 +329,7 @@ def load(out: Path, seeds: list[int], methods: list[str]) -> dict[int, dict[str,
         for m in methods:
             d = plots.run_dir(out, s, m)
             if plots.is_complete(d):
-                runs.setdefault(s, {})[m] = plots.read_rows(d / "metrics.jsonl")
+                runs.setdefault(s, {})[m] = plots.read_rows(plots.metrics_path(d))
     return runs
 
 
@@ -626,5 +626,8 @@ def main(args) -> int:
             return 1
     if not meta:
         raise SystemExit(f"error: {meta_path} not found: no converge runs under {out}")
+    for d in sorted(out.glob("seed*/*")):  # runs finished before records were written, or continued since
+        if plots.is_complete(d) and (d / "metrics.jsonl").is_file():
+            plots.write_record(d)
     print(write_section(Path(args.results).resolve(), out, meta, meta.get("seeds", args.seeds)))
     return 0

@@ -1,10 +1,12 @@
 """Launching benchmark runs: one ``deepspeed ... launch/pretrain.py`` per (seed, method), resumable.
 
 A run directory holds ``spec.json`` (the DeepSpeed config + flags + rank count it was launched with), ``launch.log``,
-``metrics.jsonl`` and, once it finished, ``done.json``. ``ensure_run`` skips a complete run with an unchanged spec,
-resumes an interrupted one from its last checkpoint, and continues a finished run whose only change is a larger step cap
-(``--train_steps``) or a later start of early stopping (``--patience_from``) from its kept final checkpoint. Used by
-``benchmarks/paper_table.py`` and ``benchmarks/converge.py``.
+``metrics.jsonl`` and, once it finished, ``done.json`` and ``metrics.jsonl.gz`` (the record a report reads where the
+live file is gone: ``benchmarks/records/`` commits spec, done, record and log, not checkpoints or W&B files).
+``ensure_run`` skips a complete run with an unchanged spec, resumes an interrupted one from its last checkpoint, and
+continues a finished run whose only change is a larger step cap (``--train_steps``) or a later start of early stopping
+(``--patience_from``) from its kept final checkpoint. Used by ``benchmarks/paper_table.py`` and
+``benchmarks/converge.py``.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
-    from benchmarks.plots import REPO, is_complete, read_rows, run_dir
+    from benchmarks.plots import REPO, is_complete, metrics_path, read_rows, run_dir, write_record
 except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
-    from plots import REPO, is_complete, read_rows, run_dir  # type: ignore[no-redef]
+    from plots import REPO, is_complete, metrics_path, read_rows, run_dir, write_record  # type: ignore[no-redef]
 
 
 def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str], num_gpus: Optional[int],
@@ -36,14 +38,14 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     same = old == spec
     if same and is_complete(d):
         print(f"[paper_table] seed {seed} {method:9s} already complete, skipped", flush=True)
-        return read_rows(d / "metrics.jsonl")
+        return read_rows(metrics_path(d))
     # A finished run whose only change is a larger --train_steps or a later --patience_from goes on from its kept
     # final checkpoint, unless it would have ended the same under the new spec (then it is kept as it is).
     extend = old is not None and continues(old, spec) and (d / "checkpoints" / "latest").is_file()
     if extend and is_complete(d) and stop_is_final(d, old, spec):
         print(f"[paper_table] seed {seed} {method:9s} would end the same under the new cap/patience_from, kept",
               flush=True)
-        return read_rows(d / "metrics.jsonl")
+        return read_rows(metrics_path(d))
     earlier_seconds = 0.0
     if extend and (d / "done.json").is_file():
         earlier_seconds = float(json.loads((d / "done.json").read_text()).get("launch_seconds", 0.0))
@@ -70,11 +72,12 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
         tail = (d / "launch.log").read_text(errors="replace").splitlines()[-15:]
         print(f"[paper_table] seed {seed} {method:9s} FAILED\n" + "\n".join(tail), flush=True)
         raise RuntimeError(f"{method} (seed {seed}) failed with exit status {rc}; see {d / 'launch.log'}")
-    rows = read_rows(d / "metrics.jsonl")
+    rows = read_rows(metrics_path(d))
     (d / "done.json").write_text(json.dumps({
         "rc": rc, "launch_seconds": seconds, "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
         "finished": _dt.datetime.now().isoformat(timespec="seconds"), "steps": rows[-1]["trainer/step"] if rows else 0,
     }, indent=2))
+    write_record(d)
     if not keep_checkpoints:
         shutil.rmtree(d / "checkpoints", ignore_errors=True)
     else:
@@ -116,7 +119,7 @@ def stop_is_final(d: Path, old: dict, new: dict) -> bool:
     steps = int(json.loads((d / "done.json").read_text()).get("steps", cap_old))
     if steps >= cap_old:
         return cap_new <= cap_old
-    rows = read_rows(d / "metrics.jsonl")
+    rows = read_rows(metrics_path(d))
     key = "test/loss" if any("test/loss" in r for r in rows) else "val/loss"
     counted = [(r[key], r["trainer/step"]) for r in rows if key in r and r["trainer/step"] >= from_old]
     return not counted or min(counted)[1] >= from_new

@@ -180,7 +180,7 @@ def run_all(args: argparse.Namespace, scale: Scale, out: Path) -> None:
                 mat_dir = run_dir(out, seed, "mat")
                 if not is_complete(mat_dir):
                     raise RuntimeError("rand needs the same seed's MAT run for its active fraction: add mat to --methods")
-                rand_fraction = mat_active_fraction(read_rows(mat_dir / "metrics.jsonl"), scale.mat_warmup)
+                rand_fraction = mat_active_fraction(read_rows(plots.metrics_path(mat_dir)), scale.mat_warmup)
             cfg = ds_config(mat_block(method, scale, seed, n_full, rand_fraction), scale)
             ensure_run(out, seed, method, cfg, capped, scale.num_gpus, args.keep_checkpoints)
 

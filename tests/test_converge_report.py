@@ -283,3 +283,39 @@ def test_budget_line_says_when_the_table_is_incomplete():
     assert cv._budget_line(one_seed, meta, [1, 2])[0].startswith(
         f"- the methods table so far ({len(cv.TABLE_METHODS)} of its {2 * len(cv.TABLE_METHODS)} runs) is")
     assert cv._budget_line(one_seed, {}, [1]) == []  # no core count recorded: no floor guessed
+
+
+def test_records_alone_redraw_the_same_report(tmp_path):
+    """A fresh clone has only the committed records (metrics.jsonl.gz, done.json): the report must read the same rows
+    from them as from the live files, and writing a record twice must give the same bytes (no git churn)."""
+    out = tmp_path / "runs"
+    for seed in (1, 2):
+        for method, best in (("full", 4.0), ("mat", 3.9 - 0.01 * seed)):
+            d = plots.run_dir(out, seed, method)
+            d.mkdir(parents=True)
+            rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+    meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6,
+            "machine": {"cpu_count": 2}}
+    live = cv.load(out, [1, 2], ["full", "mat"])
+    first = plots.write_record(plots.run_dir(out, 1, "mat")).read_bytes()
+    assert plots.write_record(plots.run_dir(out, 1, "mat")).read_bytes() == first
+    live_doc = tmp_path / "live.md"
+    cv.write_section(live_doc, out, meta, [1, 2])
+    for d in out.glob("seed*/*"):
+        plots.write_record(d)
+        (d / "metrics.jsonl").unlink()
+    assert all(plots.is_complete(d) for d in out.glob("seed*/*"))
+    assert cv.load(out, [1, 2], ["full", "mat"]) == live
+    record_doc = tmp_path / "record.md"
+    cv.write_section(record_doc, out, meta, [1, 2])
+    assert record_doc.read_text() == live_doc.read_text()
+    # the harness skips a finished run it finds only as a record (same spec): nothing is launched again
+    d = plots.run_dir(out, 1, "full")
+    (d / "spec.json").write_text(json.dumps({"ds_config": {"mat": None}, "args": ["--seed", "1"], "num_gpus": 1}))
+    assert launching.ensure_run(out, 1, "full", {"mat": None}, ["--seed", "1"], 1) == live[1]["full"]
+    assert not (d / "launch.log").exists()
+    # a record without done.json (a run killed after a record of an earlier finish) does not count as complete
+    (plots.run_dir(out, 2, "mat") / "done.json").unlink()
+    assert not plots.is_complete(plots.run_dir(out, 2, "mat"))
