@@ -14,7 +14,7 @@ on 2 cores two single-rank runs keep both busy without gloo's per-step synchroni
 own best. Nothing else differs between methods but the ``"mat"`` block (and, for Switch, the MoE flags).
 
 Methods: ``full``, ``mat`` (α 0.1, β 0.05, the defaults), ``rand`` (random heads at the active fraction MAT chose with
-the same seed), ``multirate``, ``raptr`` (stages in thirds of full's run length; early stopping counts from its last
+the same seed; early stopping counts from mat's step of best, ``control_patience_from``), ``multirate``, ``raptr`` (stages in thirds of full's run length; early stopping counts from its last
 stage), and a Switch-MoE variant of the same model (4 experts in every 2nd block) trained ``switch_full`` and
 ``switch_mat`` (MAT on heads and experts). The sweep
 adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
@@ -205,11 +205,13 @@ def _started_setting(out: Path, seed: int, method: str, key: str):
 
 
 def control_patience_from(out: Path, seed: int, method: str) -> int:
-    """Where a control's early stopping starts counting: the step of its cell's best test loss (same seed). Random
-    heads at a quarter of the model can sit on the unigram plateau for longer than the patience window (seen: a
-    control stopped at step 900, still on the plateau, where its cell left it at ~1500), so the control gets at least
-    the steps its cell needed before the plateau may end it. Fixed once the control started (its spec.json), as
-    rand's fraction is."""
+    """Where a random-heads control's early stopping (``rand``, ``rand_a{α}_b{β}``) starts counting: the step of its
+    MAT run's best test loss (same seed). Random heads at a quarter of the model can sit on the unigram plateau for
+    longer than the patience window (seen on a third of WikiText-2: controls stopped at steps 900-1100, still on the
+    plateau, best at step 400-500, where their MAT runs left it by ~1000), so a control gets at least the steps its
+    MAT run needed before the plateau may end it. Fixed once the control started with it (its spec.json), as rand's
+    fraction is; a control started without it (an earlier harness) gets it now and goes on from its final
+    checkpoint."""
     spec = plots.run_dir(out, seed, method) / "spec.json"
     if spec.is_file():
         args = json.loads(spec.read_text())["args"]
@@ -279,7 +281,7 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
         if method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
             flags += ["--patience_from", str(cfg["mat"]["raptr_schedule"][-1][0])]
-        if method in SWEEP_CONTROLS:
+        if method == "rand" or method in SWEEP_CONTROLS:
             flags += ["--patience_from", str(control_patience_from(out, seed, method))]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again

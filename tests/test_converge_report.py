@@ -148,6 +148,13 @@ def test_control_reads_its_own_cell(tmp_path):
     ctrl.mkdir(parents=True)
     (ctrl / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}, "args": ["--patience_from", "40"]}))
     assert cv.control_patience_from(tmp_path, 2, "rand_a0.05_b0") == 40
+    # rand, the default cell's control, counts from mat's best; one started without the flag (an earlier harness) gets it
+    (plots.run_dir(tmp_path, 2, "mat") / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(30, 4.1))))
+    rand = plots.run_dir(tmp_path, 2, "rand")
+    rand.mkdir(parents=True)
+    (rand / "spec.json").write_text(json.dumps({"ds_config": {"mat": {}}, "args": ["--seed", "2"]}))
+    assert cv.control_patience_from(tmp_path, 2, "rand") == 30
     # a control is not an α/β cell: it never becomes the "best cell" even when it has the lowest loss
     full = rows_of(100, 10.0, u_curve(50, 4.0))
     ps = {"mat_a0.05_b0": {2: cv.converge_metrics(rows_of(100, 10.0, u_curve(50, 3.9)), full)},
