@@ -14,10 +14,10 @@ on 2 cores two single-rank runs keep both busy without gloo's per-step synchroni
 own best. Nothing else differs between methods but the ``"mat"`` block (and, for Switch, the MoE flags).
 
 Methods: ``full``, ``mat`` (α 0.1, β 0.05, the defaults), ``rand`` (random heads at the active fraction MAT chose with
-the same seed; early stopping counts from mat's step of best, ``control_patience_from``), ``multirate``, ``raptr`` (stages in thirds of full's run length; early stopping counts from its last
-stage), and a Switch-MoE variant of the same model (4 experts in every 2nd block) trained ``switch_full`` and
-``switch_mat`` (MAT on heads and experts). The sweep
-adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
+the same seed; early stopping counts from mat's step of best, ``control_patience_from``), ``multirate``, ``raptr``
+(stages in thirds of full's run length; early stopping counts from its last stage), and a Switch-MoE variant of the
+same model (4 experts in every 2nd block) trained ``switch_full`` and ``switch_mat`` (MAT on heads and experts). The
+sweep adds ``mat_a{α}_b{β}`` over α ∈ {0.05, 0.1, 0.3, 0.5} x β ∈ {0, 0.05, 0.2} and three options at the default α/β:
 ``mat_logit_sum`` (probe output = sum of logits), ``mat_layer`` (per-layer threshold), ``mat_floor`` (at least 25 % of
 heads always train), and one control, ``rand_a0.05_b0`` (random heads at the active fraction ``mat_a0.05_b0`` chose
 with the same seed: ``rand`` for the cell that tied with full).
@@ -268,7 +268,8 @@ def run_pool(tasks: list[tuple[int, str]], run_one: Callable[[int, str], None], 
 
 def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     methods = list(args.methods)
-    common = ["--train_data", args.train_data, "--test_data", args.test_data, "--cache_dir", str(out / "cache"),
+    common = ["--train_data", args.train_data, "--test_data", args.test_data,
+              "--cache_dir", plots.repo_relative(out / "cache"),
               "--eval_interval", str(scale.eval_interval), "--eval_batches", str(scale.eval_batches),
               "--log_interval", "100", "--wandb_mode", "offline", "--save_interval", str(scale.save_interval),
               "--patience", str(args.patience), "--train_steps", str(scale.steps), *scale.model_flags(),

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
-    from benchmarks.plots import REPO, is_complete, metrics_path, read_rows, run_dir, write_record
+    from benchmarks.plots import REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir, write_record
 except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
-    from plots import REPO, is_complete, metrics_path, read_rows, run_dir, write_record  # type: ignore[no-redef]
+    from plots import (REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir,  # type: ignore[no-redef]
+                       write_record)
 
 
 def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str], num_gpus: Optional[int],
@@ -54,11 +55,12 @@ def ensure_run(out: Path, seed: int, method: str, cfg: dict, run_args: list[str]
     (d / "ds_config.json").write_text(json.dumps(cfg, indent=2))
     spec_path.write_text(json.dumps(spec, indent=2))
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher) if launcher.exists() else "deepspeed"]
+    cmd = [repo_relative(launcher) if launcher.exists() else "deepspeed"]
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
-    cmd += ["--master_port", str(free_port()), "launch/pretrain.py", "--deepspeed_config", str(d / "ds_config.json"),
-            "--out_dir", str(d), "--resume", "auto" if same or extend else "never", *run_args]
+    cmd += ["--master_port", str(free_port()), "launch/pretrain.py", "--deepspeed_config",
+            repo_relative(d / "ds_config.json"), "--out_dir", repo_relative(d),
+            "--resume", "auto" if same or extend else "never", *run_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     print(f"[paper_table] seed {seed} {method:9s} running ...", flush=True)  # own line: runs may go side by side

@@ -162,7 +162,8 @@ def mat_active_fraction(rows: list[dict], warmup_steps: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 def run_all(args: argparse.Namespace, scale: Scale, out: Path) -> None:
     """Per seed: full, then mat, rand, multirate, raptr at full's FLOPs budget (the order the dependencies need)."""
-    common = ["--train_data", args.train_data, "--test_data", args.test_data, "--cache_dir", str(out / "cache"),
+    common = ["--train_data", args.train_data, "--test_data", args.test_data,
+              "--cache_dir", plots.repo_relative(out / "cache"),
               "--eval_interval", str(scale.eval_interval), "--eval_batches", str(scale.eval_batches),
               "--log_interval", "50", "--wandb_mode", "offline", "--save_interval", str(scale.save_interval),
               *scale.model_flags()]
@@ -543,7 +544,7 @@ def _resolve_data(given: Optional[str], default: Path, what: str) -> str:
         return path
     if not Path(path).exists():
         raise SystemExit(f"error: {what} {path} not found (pass --{what.replace(' ', '_')} PATH)")
-    return str(Path(path).resolve())
+    return plots.repo_relative(path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -572,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         args.train_data = _resolve_data(args.train_data, DEFAULT_TRAIN, "train data")
         args.test_data = _resolve_data(args.test_data, DEFAULT_TEST, "test data")
-        if args.full and args.train_data == str(DEFAULT_TRAIN.resolve()):
+        if args.full and args.train_data == plots.repo_relative(DEFAULT_TRAIN):
             print("[paper_table] note: --full on WikiText-2 valid.txt (~1,800 blocks) repeats it ~100 times; for a "
                   "meaningful GPU run pass e.g. --train_data hf:wikitext:wikitext-103-raw-v1", flush=True)
         out.mkdir(parents=True, exist_ok=True)

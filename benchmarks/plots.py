@@ -24,6 +24,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -48,6 +49,26 @@ RunSet = dict[int, dict[str, Rows]]  # seed -> method -> merged rows
 # ----------------------------------------------------------------------------------------------------------------------
 # Run layout and rows
 # ----------------------------------------------------------------------------------------------------------------------
+def repo_relative(path) -> str:
+    """``path`` as benchmark runs name it: they are launched with the repository as working directory, so a path in
+    the repository or beside it (``../shared/data``) is written relative to the repository, and specs, launch logs and
+    committed records name no machine's directories (a fresh clone elsewhere matches them). Other paths stay
+    absolute."""
+    p = Path(path).resolve()
+    return os.path.relpath(p, REPO) if p.is_relative_to(REPO.parent) else str(p)
+
+
+def portable_log(directory: Path) -> None:
+    """Rewrite a finished run's ``launch.log`` with the repository's absolute prefix made relative, as
+    ``repo_relative`` does for the paths the harness passes: the launcher itself logs ``sys.executable``, which is
+    absolute (the virtual environment's interpreter)."""
+    log = Path(directory) / "launch.log"
+    if log.is_file():
+        text = log.read_text(encoding="utf-8", errors="replace")
+        text = text.replace(f"{REPO}{os.sep}", "").replace(f"{REPO.parent}{os.sep}", f"..{os.sep}")
+        log.write_text(text, encoding="utf-8")
+
+
 def run_dir(out: Path, seed: int, method: str) -> Path:
     return Path(out) / f"seed{seed}" / method
 
@@ -68,6 +89,7 @@ def write_record(directory: Path) -> Path:
     src, dst = Path(directory) / "metrics.jsonl", Path(directory) / RECORD
     with open(src, "rb") as fh, open(dst, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
         shutil.copyfileobj(fh, gz)
+    portable_log(directory)
     return dst
 
 

@@ -202,8 +202,8 @@ def test_run_pool_respects_dependencies_jobs_and_failures():
     assert any("seed 2 mat: boom" in e for e in errors) and any("seed 2 rand: skipped" in e for e in errors)
 
 
-def test_write_section_replaces_only_its_block(tmp_path):
-    out = tmp_path / "runs"
+def write_finished_runs(out: Path) -> None:
+    """Two seeds of finished full and mat runs (mat 0.11 / 0.12 better at its best), as the harness leaves them."""
     for seed in (1, 2):
         for method, best in (("full", 4.0), ("mat", 3.9 - 0.01 * seed)):
             d = plots.run_dir(out, seed, method)
@@ -211,6 +211,11 @@ def test_write_section_replaces_only_its_block(tmp_path):
             rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    out = tmp_path / "runs"
+    write_finished_runs(out)
     d = plots.run_dir(out, 1, "mat_floor")  # one option run, one seed
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(50, 3.95))))
@@ -296,13 +301,7 @@ def test_records_alone_redraw_the_same_report(tmp_path):
     """A fresh clone has only the committed records (metrics.jsonl.gz, done.json): the report must read the same rows
     from them as from the live files, and writing a record twice must give the same bytes (no git churn)."""
     out = tmp_path / "runs"
-    for seed in (1, 2):
-        for method, best in (("full", 4.0), ("mat", 3.9 - 0.01 * seed)):
-            d = plots.run_dir(out, seed, method)
-            d.mkdir(parents=True)
-            rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
-            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
+    write_finished_runs(out)
     meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6,
             "machine": {"cpu_count": 2}}
     live = cv.load(out, [1, 2], ["full", "mat"])
@@ -326,3 +325,20 @@ def test_records_alone_redraw_the_same_report(tmp_path):
     # a record without done.json (a run killed after a record of an earlier finish) does not count as complete
     (plots.run_dir(out, 2, "mat") / "done.json").unlink()
     assert not plots.is_complete(plots.run_dir(out, 2, "mat"))
+
+
+def test_records_name_no_machine_paths(tmp_path):
+    """Specs, logs and harness.json are committed: paths in and beside the repository are written relative to it (the
+    runs are launched from it), so a clone in another directory matches the specs and its records name no machine."""
+    assert plots.repo_relative(plots.REPO / "runs" / "x.txt") == "runs/x.txt"
+    assert plots.repo_relative(plots.REPO.parent / "shared" / "test.txt") == "../shared/test.txt"
+    if not Path("/").joinpath("nowhere").resolve().is_relative_to(plots.REPO.parent):
+        assert plots.repo_relative("/nowhere/x.txt") == "/nowhere/x.txt"  # elsewhere: absolute, as given
+    assert pt._resolve_data(str(plots.REPO / "README.md"), plots.REPO, "train data") == "README.md"
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"trainer/step": 1}) + "\n")
+    (d / "launch.log").write_text(f"{plots.REPO}/.venv/bin/python3 -u launch/pretrain.py --test_data "
+                                  f"{plots.REPO.parent}/shared/test.txt\n")
+    plots.write_record(d)
+    assert (d / "launch.log").read_text() == ".venv/bin/python3 -u launch/pretrain.py --test_data ../shared/test.txt\n"
