@@ -49,13 +49,24 @@ RunSet = dict[int, dict[str, Rows]]  # seed -> method -> merged rows
 # ----------------------------------------------------------------------------------------------------------------------
 # Run layout and rows
 # ----------------------------------------------------------------------------------------------------------------------
-def repo_relative(path) -> str:
+def repo_relative(path, repo: Path = REPO) -> str:
     """``path`` as benchmark runs name it: they are launched with the repository as working directory, so a path in
     the repository or beside it (``../shared/data``) is written relative to the repository, and specs, launch logs and
     committed records name no machine's directories (a fresh clone elsewhere matches them). Other paths stay
-    absolute."""
-    p = Path(path).resolve()
-    return os.path.relpath(p, REPO) if p.is_relative_to(REPO.parent) else str(p)
+    absolute.
+
+    The path is made absolute lexically (``os.path.abspath``), never through ``resolve()``: with ``../shared`` a
+    symbolic link (a normal checkout layout) resolving would leave the repository's parent and name the link's
+    target. A path given as that target (``/data/shared/x``, where ``../shared`` links to ``/data/shared``) is
+    mapped back through the sibling link that points there."""
+    p = Path(os.path.abspath(path))
+    if p.is_relative_to(repo.parent):
+        return os.path.relpath(p, repo)
+    real = p.resolve()
+    for sibling in sorted(repo.parent.iterdir()) if repo.parent.is_dir() else ():
+        if sibling.is_symlink() and real.is_relative_to(sibling.resolve()):
+            return os.path.relpath(sibling / real.relative_to(sibling.resolve()), repo)
+    return str(p)
 
 
 def portable_log(directory: Path) -> None:

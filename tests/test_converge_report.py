@@ -327,6 +327,21 @@ def test_records_alone_redraw_the_same_report(tmp_path):
     assert not plots.is_complete(plots.run_dir(out, 2, "mat"))
 
 
+def test_paths_beside_the_repository_stay_relative_through_symbolic_links(tmp_path):
+    """``../shared`` as a symbolic link (a normal checkout layout): the path keeps naming the link, never its target,
+    also when the target's absolute path is what was given; a path elsewhere stays absolute."""
+    repo, real = tmp_path / "work" / "main", tmp_path / "elsewhere" / "shared"
+    (real / "data").mkdir(parents=True)
+    repo.mkdir(parents=True)
+    (real / "data" / "test.txt").write_text("x\n")
+    (repo.parent / "shared").symlink_to(real, target_is_directory=True)
+    via_link = repo.parent / "shared" / "data" / "test.txt"
+    assert plots.repo_relative(via_link, repo) == "../shared/data/test.txt"
+    assert plots.repo_relative(real / "data" / "test.txt", repo) == "../shared/data/test.txt"
+    assert plots.repo_relative(repo / "runs" / "x", repo) == "runs/x"
+    assert plots.repo_relative(tmp_path / "other" / "y", repo) == str(tmp_path / "other" / "y")
+
+
 def test_records_name_no_machine_paths(tmp_path):
     """Specs, logs and harness.json are committed: paths in and beside the repository are written relative to it (the
     runs are launched from it), so a clone in another directory matches the specs and its records name no machine."""
