@@ -280,9 +280,11 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     def run_one(seed: int, method: str) -> None:
         cfg = pt.ds_config(method_block(method, scale, seed, out), scale)
         flags = ["--seed", str(seed), *common, *(SWITCH_FLAGS if method.startswith("switch") else [])]
-        if method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
+        if not args.patience:  # no early stopping: every run trains to the cap (a fixed horizon)
+            pass
+        elif method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
             flags += ["--patience_from", str(cfg["mat"]["raptr_schedule"][-1][0])]
-        if method == "rand" or method in SWEEP_CONTROLS:
+        elif method == "rand" or method in SWEEP_CONTROLS:
             flags += ["--patience_from", str(control_patience_from(out, seed, method))]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again
@@ -555,7 +557,10 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
             f"- model: BERT (MLM) {sc.get('n_layer')}L × {sc.get('n_head')}H, d={sc.get('d_model')}, seq "
             f"{sc.get('seq_len')}, vocab {sc.get('vocab_size')}, `{' '.join(CONVERGE_FLAGS)}`, batch "
             f"{sc.get('micro_batch')} on "
-            f"{sc.get('num_gpus')} rank; AdamW lr {sc.get('lr')} constant after {sc.get('lr_warmup')} steps; "
+            f"{sc.get('num_gpus')} rank; AdamW lr {sc.get('lr')} "
+            + (f"linear warm-up over {sc.get('lr_warmup')} steps, cosine decay to {pt.COSINE_MIN_RATIO:.0%} at step "
+               f"{sc.get('steps')} (fixed horizon); " if sc.get("schedule") == "cosine"
+               else f"constant after {sc.get('lr_warmup')} steps; ") +
             f"MAT warm-up {sc.get('mat_warmup')}, refresh every {sc.get('refresh_interval')}, probe n="
             f"{sc.get('probe_samples')}",
             f"- data: train `{pt._shown(meta.get('train_data'))}`, test `{pt._shown(meta.get('test_data'))}`; "
@@ -605,6 +610,10 @@ def main(args) -> int:
     scale = CONVERGE if args.steps is None else CONVERGE.with_steps(args.steps)  # smoke runs: evals scale too
     if args.cap is not None:  # a longer (or shorter) cap for the same runs: nothing else changes
         scale = dataclasses.replace(scale, steps=args.cap)
+    if args.schedule is not None:  # cosine: the cap is also the decay horizon
+        scale = dataclasses.replace(scale, schedule=args.schedule)
+    if args.lr is not None:
+        scale = dataclasses.replace(scale, lr=args.lr)
     out = Path(args.out or pt.REPO / "runs" / "converge").resolve()
     meta_path = out / "harness.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -78,6 +78,10 @@ class Scale:
     probe_samples: int = 16
     save_interval: int = 0  # 0 = one checkpoint at the end (deleted after the run unless --keep_checkpoints)
     num_gpus: Optional[int] = 2  # None = every visible GPU
+    # "constant": WarmupLR (linear warm-up, then constant), so runs stopped at different steps compare at equal FLOPs;
+    # "cosine": WarmupCosineLR, linear warm-up then a cosine decay to COSINE_MIN_RATIO of the peak at ``steps`` (a
+    # fixed horizon every method shares: the tuned baseline of "No Train No Gain", Kaddour et al. 2023)
+    schedule: str = "constant"
 
     def with_steps(self, steps: int) -> "Scale":
         """Same scale with N = ``steps``; evaluation, warm-ups and refreshes keep their share of the run."""
@@ -140,13 +144,22 @@ def mat_block(method: str, scale: Scale, seed: int, full_steps: int, rand_fracti
     raise ValueError(f"unknown method {method!r}")
 
 
+SCHEDULES = ("constant", "cosine")
+COSINE_MIN_RATIO = 0.01  # the cosine schedule ends at 1 % of the peak LR ("towards ~0")
+
+
 def ds_config(block: dict, scale: Scale) -> dict:
     """configs/bert_mat_zero2.json with a constant-after-warm-up LR (WarmupLR) and the method's ``"mat"`` block."""
     cfg = json.loads(BASE_CONFIG.read_text())
     cfg["train_micro_batch_size_per_gpu"] = scale.micro_batch
     cfg["optimizer"]["params"]["lr"] = scale.lr
-    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": scale.lr,
-                                                       "warmup_num_steps": scale.lr_warmup}}
+    if scale.schedule == "cosine":
+        cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": scale.steps, "warmup_num_steps": scale.lr_warmup, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": COSINE_MIN_RATIO}}
+    else:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": scale.lr,
+                                                           "warmup_num_steps": scale.lr_warmup}}
     cfg["mat"] = copy.deepcopy(block)
     return cfg
 
@@ -504,6 +517,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="--converge only: step cap per run (default 8000). Unlike --steps nothing else rescales, so a "
                         "larger cap continues the runs the old cap stopped from their final checkpoint; runs that "
                         "early stopping ended are kept as they are")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="--converge only: LR schedule (default constant after warm-up; cosine decays over the "
+                        "step cap, the fixed horizon every method then shares)")
+    p.add_argument("--lr", type=float, default=None, help="--converge only: peak LR (default the scale's, 2e-3)")
     p.add_argument("--full", action="store_true", help="GPU scale (12L d768 12h) instead of the small CPU scale")
     p.add_argument("--steps", type=int, default=None, help="override N (full's steps); evals/warm-ups scale with it")
     p.add_argument("--num_gpus", type=int, default=None, help="ranks per run (default: 2 small, all GPUs --full)")
@@ -524,13 +541,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if args.jobs < 1:
             p.error("--jobs must be >= 1")
         args.patience = converge.PATIENCE if args.patience is None else args.patience
-        if args.patience < 1:
-            p.error("--patience must be >= 1")
+        if args.patience < 0:
+            p.error("--patience must be >= 0 (0 = off: every run trains to its step cap)")
+        if args.lr is not None and not args.lr > 0:
+            p.error("--lr must be > 0")
         if args.cap is not None and (args.cap < 1 or args.steps is not None):
             p.error("--cap must be >= 1 and cannot be combined with --steps")
         return args
-    if args.sweep or args.patience is not None or args.cap is not None:
-        p.error("--sweep, --patience and --cap need --converge")
+    if args.sweep or args.patience is not None or args.cap is not None or args.schedule or args.lr is not None:
+        p.error("--sweep, --patience, --cap, --schedule and --lr need --converge")
     bad = [m for m in (args.methods or []) if m not in METHODS]
     if bad:
         p.error(f"--methods {bad}: choose from {list(METHODS)}")
