@@ -1,12 +1,14 @@
-"""Side by side in ONE run: step time and gradient-communication bytes with no head frozen vs a fraction frozen.
+"""Side by side in ONE run: step time and gradient-communication bytes with no head frozen vs fractions frozen.
 
     deepspeed --num_gpus 2 benchmarks/freeze_speed.py --deepspeed_config configs/bert_mat_zero2.json \
-        --frozen_fraction 0.5 --rounds 6 --steps_per_round 10
+        --frozen_fractions 0.25 0.5 0.75 1 --rounds 6 --steps_per_round 10
 
-Blocks of ``steps_per_round`` steps alternate between "full" and "frozen" (the same half of the heads in every layer)
-so that drift in machine load hits both arms alike; the first block of each arm is a warm-up and is dropped. Reported:
-median step seconds per arm and their ratio, gradient bytes per step per arm (DeepSpeed's comms logger) and the drop
-compared with the frozen parameters' bytes, and the analytic FLOPs ratio. Timings are printed, never asserted.
+Arms: ``full`` (nothing frozen), ``full_again`` (nothing frozen either: the same-vs-same control, whose ratio to
+``full`` is the noise floor of every other ratio), and one arm per frozen fraction f (the first round(f·H) heads of
+every layer frozen). Blocks of ``steps_per_round`` steps rotate through the arms, the order shifted by one each round,
+so that drift in machine load hits every arm alike; round 0 is a warm-up and is dropped. Reported per arm: median
+step seconds and its ratio to ``full``, gradient bytes per step (DeepSpeed's comms logger) and the drop compared with
+the frozen parameters' bytes, and the analytic FLOPs ratio. Timings are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
-    parser.add_argument("--frozen_fraction", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (each: one full block, one frozen block).")
+    parser.add_argument("--frozen_fractions", type=float, nargs="+", default=[0.5],
+                        help="Share of each layer's heads frozen, one arm per value (in (0, 1]).")
+    parser.add_argument("--rounds", type=int, default=6, help="Rounds; each runs one block of every arm.")
     parser.add_argument("--steps_per_round", type=int, default=10)
     add_cli_arguments(parser)
     args = parser.parse_args()
@@ -57,19 +60,20 @@ def main() -> None:
     freezer, units = engine.mat.freezer, engine.mat.units
 
     H = model_cfg.n_head
-    n_frozen_per_layer = round(args.frozen_fraction * H)
-    # One entry per freezer module: heads (layer-major), then experts (never frozen here).
-    frozen_mask = torch.tensor([u.kind == "heads" and u.index < n_frozen_per_layer for u in units.all()])
-    none = torch.zeros_like(frozen_mask)
-    frozen_heads = [u for u, f in zip(units.all(), frozen_mask.tolist()) if f]
-
-    times: dict[str, list[float]] = {"full": [], "frozen": []}
-    comm: dict[str, list[int]] = {"full": [], "frozen": []}  # gradient reductions only
-    comm_all: dict[str, list[int]] = {"full": [], "frozen": []}  # every deepspeed.comm op (incl. ZeRO all-gathers)
+    if any(not 0 < f <= 1 for f in args.frozen_fractions):
+        raise SystemExit("error: --frozen_fractions must be in (0, 1]")
+    none = torch.zeros(len(units.all()), dtype=torch.bool)
+    masks = {"full": none, "full_again": none}  # one entry per freezer module: heads (layer-major), then experts
+    for f in args.frozen_fractions:
+        masks[f"frozen_{f:g}"] = torch.tensor([u.kind == "heads" and u.index < round(f * H) for u in units.all()])
+    arms = list(masks)
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    comm: dict[str, list[int]] = {a: [] for a in arms}  # gradient reductions only
+    comm_all: dict[str, list[int]] = {a: [] for a in arms}  # every deepspeed.comm op (incl. ZeRO all-gathers)
     step = 0
     for rnd in range(args.rounds):
-        for arm, mask in (("full", none), ("frozen", frozen_mask)):
-            freezer.apply(mask)
+        for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:  # rotated: no arm always follows the same one
+            freezer.apply(masks[arm])
             for i in range(args.steps_per_round):
                 before = comm_bytes_snapshot()
                 dist.barrier()
@@ -86,7 +90,7 @@ def main() -> None:
                 elapsed = time.perf_counter() - t0
                 after = comm_bytes_snapshot()
                 step += 1
-                if rnd > 0:  # round 0 warms both arms up
+                if rnd > 0:  # round 0 warms every arm up
                     times[arm].append(elapsed)
                     comm[arm].append(sum(after[op] - before.get(op, 0) for op in after if op in GRADIENT_OPS))
                     comm_all[arm].append(sum(after.values()) - sum(before.values()))
@@ -94,25 +98,32 @@ def main() -> None:
     if rank == 0:
         flops = FlopsModel.for_run(model_cfg, data.tokenizer.vocab_size, data_cfg.seq_len,
                                    data_cfg.mlm_probability)
-        t_full, t_frozen = statistics.median(times["full"]), statistics.median(times["frozen"])
-        c_full, c_frozen = statistics.median(comm["full"]), statistics.median(comm["frozen"])
-        frozen_bytes = sum(p.numel() for u in frozen_heads for p in u.params) * 4
+        t_full, c_full = statistics.median(times["full"]), statistics.median(comm["full"])
+        per_arm = {}
+        for arm in arms:
+            frozen_units = [u for u, f in zip(units.all(), masks[arm].tolist()) if f]
+            t, c = statistics.median(times[arm]), statistics.median(comm[arm])
+            per_arm[arm] = {
+                "frozen_heads": len(frozen_units), "step_s": round(t, 5), "step_time_ratio": round(t / t_full, 4),
+                "grad_comm_bytes": c, "grad_comm_ratio": round(c / c_full, 4) if c_full else None,
+                "grad_comm_drop_bytes": c_full - c,
+                "frozen_param_bytes": sum(p.numel() * p.element_size() for u in frozen_units for p in u.params),
+                "all_comm_bytes": statistics.median(comm_all[arm]),
+                "flops_ratio_analytic": round(flops.train_per_token(len(frozen_units)) / flops.train_per_token(0), 4),
+            }
         result = {
             "world_size": world, "zero_stage": engine.zero_optimization_stage(),
             "model": f"{model_cfg.n_layer}L d{model_cfg.d_model} {H}h vocab{data.tokenizer.vocab_size} T{data_cfg.seq_len}",
-            "frozen_heads": len(frozen_heads), "heads": len(units.heads),
-            "step_s_full": round(t_full, 5), "step_s_frozen": round(t_frozen, 5),
-            "step_time_ratio": round(t_frozen / t_full, 4),
-            "grad_comm_bytes_full": c_full, "grad_comm_bytes_frozen": c_frozen,
-            "grad_comm_ratio": round(c_frozen / c_full, 4) if c_full else None,
-            "grad_comm_drop_bytes": c_full - c_frozen, "frozen_param_bytes": frozen_bytes,
-            "all_comm_bytes_full": statistics.median(comm_all["full"]),
-            "all_comm_bytes_frozen": statistics.median(comm_all["frozen"]),
-            "param_bytes_total": sum(p.numel() for p in model.parameters()) * 4,
-            "flops_ratio_analytic": round(flops.train_per_token(len(frozen_heads)) / flops.train_per_token(0), 4),
-            "samples_per_arm": len(times["full"]),
+            "heads": len(units.heads), "samples_per_arm": len(times["full"]),
+            "control_ratio": per_arm["full_again"]["step_time_ratio"],  # same vs same: the noise floor
+            "param_bytes_total": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "arms": per_arm,
         }
         print("FREEZE_SPEED " + json.dumps(result), flush=True)
+        for arm, r in per_arm.items():
+            print(f"{arm:12s} heads frozen {r['frozen_heads']:3d}  step {r['step_s']:.4f} s  ratio "
+                  f"{r['step_time_ratio']:.3f}  FLOPs ratio {r['flops_ratio_analytic']:.3f}  grad bytes drop "
+                  f"{r['grad_comm_drop_bytes']} (frozen params {r['frozen_param_bytes']})", flush=True)
     mat_ds.shutdown_distributed()
 
 
