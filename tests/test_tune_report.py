@@ -18,9 +18,10 @@ def test_sweep_point_reads_val_best_and_the_test_loss_there():
 
 
 def test_choose_by_validation_never_by_test():
-    points = {1e-3: {"best_val": 4.0, "best_test": 5.0}, 2e-3: {"best_val": 4.1, "best_test": 3.0}}
-    assert tune.choose(points) == 1e-3  # the lower test loss of 2e-3 must not decide
-    assert tune.choose({2e-3: {"best_val": 4.0}, 1e-3: {"best_val": 4.0}}) == 1e-3  # tie: the smaller LR
+    points = {(3000, 1e-3): {"best_val": 4.0, "best_test": 5.0}, (3000, 2e-3): {"best_val": 4.1, "best_test": 3.0}}
+    assert tune.choose(points) == (3000, 1e-3)  # the lower test loss of 2e-3 must not decide
+    tie = {(6000, 1e-3): {"best_val": 4.0}, (3000, 2e-3): {"best_val": 4.0}, (3000, 1e-3): {"best_val": 4.0}}
+    assert tune.choose(tie) == (3000, 1e-3)  # tie: the shorter horizon, then the smaller LR
     assert tune.choose({}) is None
 
 
