@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -43,11 +42,12 @@ from typing import Callable, Optional
 import numpy as np
 
 try:
-    from benchmarks import launching
+    from benchmarks import launching, methods
     from benchmarks import paper_table as pt
     from benchmarks import plots
 except ImportError:  # python benchmarks/paper_table.py
     import launching  # type: ignore[no-redef]
+    import methods  # type: ignore[no-redef]
     import paper_table as pt  # type: ignore[no-redef]
     import plots  # type: ignore[no-redef]
 
@@ -67,8 +67,7 @@ SWITCH_FLAGS = ["--moe_num_experts", "4", "--moe_layer_interval", "2"]
 TABLE_METHODS = ("full", "mat", "rand", "multirate", "raptr", "switch_full", "switch_mat")
 SWEEP_ALPHAS = (0.05, 0.1, 0.3, 0.5)
 SWEEP_BETAS = (0.0, 0.05, 0.2)
-SWEEP_OPTIONS = {"mat_logit_sum": {"probe_output": "logit_sum"}, "mat_layer": {"threshold_scope": "layer"},
-                 "mat_floor": {"min_active_fraction": 0.25}}
+SWEEP_OPTIONS = ("mat_logit_sum", "mat_layer", "mat_floor")  # their blocks: benchmarks/methods.py
 # Controls for a sweep cell: random heads at the active fraction that cell's MAT run chose (same seed), so a cell that
 # beats full can be told apart from "freezing this many heads at random would have done it too". ``rand`` is the
 # control of the default cell (``mat``); this one is for the cell that tied or won in the runs so far.
@@ -166,36 +165,26 @@ def sweep_grid(ps: dict[str, dict[int, dict[str, float]]], col: str) -> np.ndarr
 # Runs: blocks, flags, and a small dependency-aware pool
 # ----------------------------------------------------------------------------------------------------------------------
 def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
-    """The ``"mat"`` block of one converge method (rand and raptr read the same seed's mat / full run)."""
-    base = {"warmup_steps": scale.mat_warmup, "refresh_interval": scale.refresh_interval,
-            "probe_samples": scale.probe_samples, "seed": seed, "log_heatmap_interval": 0}
-    if method in ("full", "switch_full"):
-        return {"policy": "full"}
-    if method in ("mat", "switch_mat"):
-        return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base}
-    m = re.fullmatch(r"mat_a([0-9.]+)_b([0-9.]+)", method)
-    if m:
-        return {"policy": "mat", "alpha": float(m.group(1)), "beta": float(m.group(2)), **base}
-    if method in SWEEP_OPTIONS:
-        return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, **base, **SWEEP_OPTIONS[method]}
-    # rand and raptr derive a setting from another run (mat's mean active fraction, full's length). The value is fixed
-    # when they start: continuing mat or full later (a larger --cap) moves it, and must not turn a finished rand/raptr
-    # run into a different spec that trains again from scratch.
-    if method == "rand" or method in SWEEP_CONTROLS:
+    """The ``"mat"`` block of one converge method (``benchmarks/methods.py``); rand-style controls and raptr read a
+    setting from the same seed's mat / full run. The value is fixed when they start: continuing mat or full later (a
+    larger --cap) moves it, and must not turn a finished rand/raptr run into a different spec that trains again from
+    scratch."""
+    derived = {}
+    need = methods.needs(method)
+    if "rand_fraction" in need:
         frac = _started_setting(out, seed, method, "rand_active_fraction")
         if frac is None:
             source = depends_on(method)[0]
             frac = pt.mat_active_fraction(plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, source))),
                                           scale.mat_warmup)
-        return pt.mat_block("rand", scale, seed, 0, frac)
-    if method == "raptr":
-        full_rows = plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, "full")))
-        block = pt.mat_block("raptr", scale, seed, int(full_rows[-1]["trainer/step"]), None)
+        derived["rand_fraction"] = frac
+    if "raptr_schedule" in need:
         started = _started_setting(out, seed, method, "raptr_schedule")
-        return block if started is None else {**block, "raptr_schedule": started}
-    if method == "multirate":
-        return pt.mat_block("multirate", scale, seed, 0, None)
-    raise ValueError(f"unknown converge method {method!r}")
+        if started is None:
+            full_rows = plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, "full")))
+            started = pt.raptr_schedule(scale.n_layer, int(full_rows[-1]["trainer/step"]))
+        derived["raptr_schedule"] = started
+    return methods.block(method, scale, seed, **derived)
 
 
 def _started_setting(out: Path, seed: int, method: str, key: str):

@@ -41,9 +41,10 @@ from typing import Optional
 import numpy as np
 
 try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
-    from benchmarks import plots
+    from benchmarks import methods, plots
     from benchmarks.launching import ensure_run
 except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
+    import methods  # type: ignore[no-redef]
     import plots  # type: ignore[no-redef]
     from launching import ensure_run  # type: ignore[no-redef]
 METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir = (
@@ -124,24 +125,11 @@ def raptr_schedule(n_layer: int, steps: int) -> list[list[int]]:
 
 
 def mat_block(method: str, scale: Scale, seed: int, full_steps: int, rand_fraction: Optional[float]) -> dict:
-    """The ``"mat"`` block per method. ``log_heatmap_interval`` is 0: no W&B image is drawn during the benchmark
-    (the λmax values are in metrics.jsonl anyway)."""
-    if method == "full":
-        return {"policy": "full"}
-    if method == "mat":
-        return {"policy": "mat", "alpha": scale.alpha, "beta": scale.beta, "warmup_steps": scale.mat_warmup,
-                "refresh_interval": scale.refresh_interval, "probe_samples": scale.probe_samples, "seed": seed,
-                "log_heatmap_interval": 0}
-    if method == "rand":
-        assert rand_fraction is not None
-        return {"policy": "rand", "rand_active_fraction": rand_fraction, "warmup_steps": scale.mat_warmup,
-                "refresh_interval": scale.refresh_interval, "seed": seed}
-    if method == "multirate":
-        return {"policy": "multirate", "multirate_k": 4, "multirate_slow_fraction": 0.5,
-                "warmup_steps": scale.mat_warmup, "seed": seed}
-    if method == "raptr":
-        return {"policy": "raptr", "raptr_schedule": raptr_schedule(scale.n_layer, full_steps), "seed": seed}
-    raise ValueError(f"unknown method {method!r}")
+    """The ``"mat"`` block per method, from the method table (``benchmarks/methods.py``)."""
+    derived = {"rand_fraction": rand_fraction}
+    if "raptr_schedule" in methods.needs(method):
+        derived["raptr_schedule"] = raptr_schedule(scale.n_layer, full_steps)
+    return methods.block(method, scale, seed, **derived)
 
 
 SCHEDULES = ("constant", "cosine")
