@@ -42,7 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 
 try:
-    from benchmarks import launching, methods
+    from benchmarks import launching, methods, store
     from benchmarks import paper_table as pt
     from benchmarks import plots
 except ImportError:  # python benchmarks/paper_table.py
@@ -50,6 +50,7 @@ except ImportError:  # python benchmarks/paper_table.py
     import methods  # type: ignore[no-redef]
     import paper_table as pt  # type: ignore[no-redef]
     import plots  # type: ignore[no-redef]
+    import store  # type: ignore[no-redef]
 
 # Sized on 2 CPU cores: ~0.25 s/step for one single-rank run with one thread (two side by side). Explored first
 # (runs/explore, 1 seed, full policy; test loss after 1100-1200 steps): seq 128/vocab 4096/lr 1e-3 6.26 (at 900),
@@ -102,7 +103,7 @@ def reference_of(method: str) -> str:
 def converge_metrics(rows: list[dict], ref_rows: list[dict]) -> dict[str, float]:
     """One run against its reference (``full`` of the same seed): best test loss and where it happened; FLOPs and
     seconds to reach the reference's best test loss, divided by the reference's at its best; the active fraction."""
-    c, ref = plots.eval_curve(rows), plots.eval_curve(ref_rows)
+    c, ref = store.eval_curve(rows), store.eval_curve(ref_rows)
     nan = float("nan")
     if not np.isfinite(c["test"]).any() or not np.isfinite(ref["test"]).any():
         raise ValueError("converge_metrics needs test/loss at the evaluations (run with --test_data)")
@@ -175,13 +176,13 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
         frac = _started_setting(out, seed, method, "rand_active_fraction")
         if frac is None:
             source = depends_on(method)[0]
-            frac = pt.mat_active_fraction(plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, source))),
+            frac = pt.mat_active_fraction(store.read_rows(store.metrics_path(store.run_dir(out, seed, source))),
                                           scale.mat_warmup)
         derived["rand_fraction"] = frac
     if "raptr_schedule" in need:
         started = _started_setting(out, seed, method, "raptr_schedule")
         if started is None:
-            full_rows = plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, "full")))
+            full_rows = store.read_rows(store.metrics_path(store.run_dir(out, seed, "full")))
             started = pt.raptr_schedule(scale.n_layer, int(full_rows[-1]["trainer/step"]))
         derived["raptr_schedule"] = started
     return methods.block(method, scale, seed, **derived)
@@ -189,7 +190,7 @@ def method_block(method: str, scale: pt.Scale, seed: int, out: Path) -> dict:
 
 def _started_setting(out: Path, seed: int, method: str, key: str):
     """``key`` of the ``"mat"`` block a started run recorded in its spec.json (None before it started)."""
-    spec = plots.run_dir(out, seed, method) / "spec.json"
+    spec = store.run_dir(out, seed, method) / "spec.json"
     return json.loads(spec.read_text())["ds_config"]["mat"].get(key) if spec.is_file() else None
 
 
@@ -201,12 +202,12 @@ def control_patience_from(out: Path, seed: int, method: str) -> int:
     MAT run needed before the plateau may end it. Fixed once the control started with it (its spec.json), as rand's
     fraction is; a control started without it (an earlier harness) gets it now and goes on from its final
     checkpoint."""
-    spec = plots.run_dir(out, seed, method) / "spec.json"
+    spec = store.run_dir(out, seed, method) / "spec.json"
     if spec.is_file():
         args = json.loads(spec.read_text())["args"]
         if "--patience_from" in args:
             return int(args[args.index("--patience_from") + 1])
-    c = plots.eval_curve(plots.read_rows(plots.metrics_path(plots.run_dir(out, seed, depends_on(method)[0]))))
+    c = store.eval_curve(store.read_rows(store.metrics_path(store.run_dir(out, seed, depends_on(method)[0]))))
     return int(c["step"][int(np.nanargmin(c["test"]))])
 
 
@@ -258,7 +259,7 @@ def run_pool(tasks: list[tuple[int, str]], run_one: Callable[[int, str], None], 
 def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
     methods = list(args.methods)
     common = ["--train_data", args.train_data, "--test_data", args.test_data,
-              "--cache_dir", plots.repo_relative(out / "cache"),
+              "--cache_dir", store.repo_relative(out / "cache"),
               "--eval_interval", str(scale.eval_interval), "--eval_batches", str(scale.eval_batches),
               "--log_interval", "100", "--wandb_mode", "offline", "--save_interval", str(scale.save_interval),
               "--patience", str(args.patience), "--train_steps", str(scale.steps), *scale.model_flags(),
@@ -280,7 +281,7 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
         launching.ensure_run(out, seed, method, cfg, flags, scale.num_gpus, keep_checkpoints=True)
 
     def done(seed: int, method: str) -> bool:
-        return plots.is_complete(plots.run_dir(out, seed, method))
+        return store.is_complete(store.run_dir(out, seed, method))
 
     # seeds interleaved so that a partial invocation leaves whole seeds' worth of the early methods
     tasks = [(s, m) for m in methods for s in args.seeds]
@@ -321,9 +322,9 @@ def load(out: Path, seeds: list[int], methods: list[str]) -> dict[int, dict[str,
     runs: dict[int, dict[str, list[dict]]] = {}
     for s in seeds:
         for m in methods:
-            d = plots.run_dir(out, s, m)
-            if plots.is_complete(d):
-                runs.setdefault(s, {})[m] = plots.read_rows(plots.metrics_path(d))
+            d = store.run_dir(out, s, m)
+            if store.is_complete(d):
+                runs.setdefault(s, {})[m] = store.read_rows(store.metrics_path(d))
     return runs
 
 
@@ -344,7 +345,7 @@ def plot_test_vs_flops(runs: dict, methods: list[str], path: Path) -> Path:
         for seed, per in runs.items():
             if method not in per:
                 continue
-            c = plots.eval_curve(per[method])
+            c = store.eval_curve(per[method])
             ok = np.isfinite(c["test"])
             ax.plot(c["flops"][ok], c["test"][ok], color=color, lw=0.9, alpha=0.7, label=method if first else None)
             i = int(np.nanargmin(c["test"]))
@@ -364,7 +365,7 @@ def plot_active_over_time(runs: dict, methods: list[str], path: Path) -> Path:
         per = next((p for p in runs.values() if method in p), None)
         if per is None:
             continue
-        steps, act = plots.series(per[method], "mat/active_fraction")
+        steps, act = store.series(per[method], "mat/active_fraction")
         if not len(steps):
             continue
         k = min(50, len(act))
@@ -482,9 +483,9 @@ def in_progress(out: Path, seeds: list[int], methods: list[str]) -> str:
     lines = []
     for s in seeds:
         for m in methods:
-            d = plots.run_dir(out, s, m)
-            if (d / "metrics.jsonl").is_file() and not plots.is_complete(d):
-                c = plots.eval_curve(plots.read_rows(d / "metrics.jsonl"))
+            d = store.run_dir(out, s, m)
+            if (d / "metrics.jsonl").is_file() and not store.is_complete(d):
+                c = store.eval_curve(store.read_rows(d / "metrics.jsonl"))
                 if not np.isfinite(c["test"]).any():
                     continue
                 i = int(np.nanargmin(c["test"]))
@@ -536,7 +537,7 @@ def write_section(results: Path, out: Path, meta: dict, seeds: list[int]) -> str
                 docs / "converge_sweep_flops.png", "{:.2f}", ran=np.isfinite(sweep_grid(ps, "best_test")))
     sc = meta.get("scale", {})
     main_table = table(ps, list(TABLE_METHODS))
-    done = [json.loads((plots.run_dir(out, s, m) / "done.json").read_text()) for s in runs for m in runs[s]]
+    done = [json.loads((store.run_dir(out, s, m) / "done.json").read_text()) for s in runs for m in runs[s]]
     train_h = sum(max((r.get("perf/train_seconds_cumulative", 0.0) for r in runs[s][m]), default=0.0)
                   for s in runs for m in runs[s]) / 3600
     body = [MARK_BEGIN, "## Convergence regime (train past the best test loss)\n",
@@ -628,7 +629,7 @@ def main(args) -> int:
     if not meta:
         raise SystemExit(f"error: {meta_path} not found: no converge runs under {out}")
     for d in sorted(out.glob("seed*/*")):  # runs finished before records were written, or continued since
-        if plots.is_complete(d) and (d / "metrics.jsonl").is_file():
-            plots.write_record(d)
+        if store.is_complete(d) and (d / "metrics.jsonl").is_file():
+            store.write_record(d)
     print(write_section(Path(args.results).resolve(), out, meta, meta.get("seeds", args.seeds)))
     return 0

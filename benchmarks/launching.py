@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
-    from benchmarks.plots import REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir, write_record
+    from benchmarks.store import REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir, write_record
 except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
-    from plots import (REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir,  # type: ignore[no-redef]
+    from store import (REPO, is_complete, metrics_path, read_rows, repo_relative, run_dir,  # type: ignore[no-redef]
                        write_record)
 
 

@@ -41,15 +41,16 @@ from typing import Optional
 import numpy as np
 
 try:  # python -m benchmarks.paper_table (from the repository root), or imported (tests)
-    from benchmarks import methods, plots
+    from benchmarks import methods, plots, store
     from benchmarks.launching import ensure_run
 except ImportError:  # python benchmarks/paper_table.py: this directory is sys.path[0], the repository root is not
     import methods  # type: ignore[no-redef]
     import plots  # type: ignore[no-redef]
+    import store  # type: ignore[no-redef]
     from launching import ensure_run  # type: ignore[no-redef]
 METHODS, REPO, RunSet, eval_curve, is_complete, load_runs, read_rows, run_dir = (
-    plots.METHODS, plots.REPO, plots.RunSet, plots.eval_curve, plots.is_complete, plots.load_runs, plots.read_rows,
-    plots.run_dir)
+    store.METHODS, store.REPO, store.RunSet, store.eval_curve, store.is_complete, store.load_runs, store.read_rows,
+    store.run_dir)
 
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
@@ -164,7 +165,7 @@ def mat_active_fraction(rows: list[dict], warmup_steps: int) -> float:
 def run_all(args: argparse.Namespace, scale: Scale, out: Path) -> None:
     """Per seed: full, then mat, rand, multirate, raptr at full's FLOPs budget (the order the dependencies need)."""
     common = ["--train_data", args.train_data, "--test_data", args.test_data,
-              "--cache_dir", plots.repo_relative(out / "cache"),
+              "--cache_dir", store.repo_relative(out / "cache"),
               "--eval_interval", str(scale.eval_interval), "--eval_batches", str(scale.eval_batches),
               "--log_interval", "50", "--wandb_mode", "offline", "--save_interval", str(scale.save_interval),
               *scale.model_flags()]
@@ -182,7 +183,7 @@ def run_all(args: argparse.Namespace, scale: Scale, out: Path) -> None:
                 mat_dir = run_dir(out, seed, "mat")
                 if not is_complete(mat_dir):
                     raise RuntimeError("rand needs the same seed's MAT run for its active fraction: add mat to --methods")
-                rand_fraction = mat_active_fraction(read_rows(plots.metrics_path(mat_dir)), scale.mat_warmup)
+                rand_fraction = mat_active_fraction(read_rows(store.metrics_path(mat_dir)), scale.mat_warmup)
             cfg = ds_config(mat_block(method, scale, seed, n_full, rand_fraction), scale)
             ensure_run(out, seed, method, cfg, capped, scale.num_gpus, args.keep_checkpoints)
 
@@ -551,7 +552,7 @@ def _resolve_data(given: Optional[str], default: Path, what: str) -> str:
         return path
     if not Path(path).exists():
         raise SystemExit(f"error: {what} {path} not found (pass --{what.replace(' ', '_')} PATH)")
-    return plots.repo_relative(path)
+    return store.repo_relative(path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -580,7 +581,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         args.train_data = _resolve_data(args.train_data, DEFAULT_TRAIN, "train data")
         args.test_data = _resolve_data(args.test_data, DEFAULT_TEST, "test data")
-        if args.full and args.train_data == plots.repo_relative(DEFAULT_TRAIN):
+        if args.full and args.train_data == store.repo_relative(DEFAULT_TRAIN):
             print("[paper_table] note: --full on WikiText-2 valid.txt (~1,800 blocks) repeats it ~100 times; for a "
                   "meaningful GPU run pass e.g. --train_data hf:wikitext:wikitext-103-raw-v1", flush=True)
         out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks import plots
+from benchmarks import plots, store
 
-REPO = plots.REPO
+REPO = store.REPO
 SHARED = REPO.parent / "shared" / "data"
 # Two corpora on which the converge model overfits hard (train on the text's first ~72 K words, test on test.txt):
 # WikiText-2's first 20 articles of valid.txt (as docs/first20/results.md) and Penn Treebank's valid.txt (70.4 K words).
@@ -71,7 +71,7 @@ def command(corpus: str, lr: float, horizon: int, schedule: str) -> list[str]:
     out = out_dir(corpus, lr, horizon, schedule)
     return [sys.executable, "-m", "benchmarks.paper_table", "--converge", "--methods", "full", "--seeds", "1",
             "--schedule", schedule, "--lr", lr_name(lr), "--cap", str(horizon), "--patience", "0",
-            "--train_data", spec["train"], "--test_data", spec["test"], "--out", plots.repo_relative(out),
+            "--train_data", spec["train"], "--test_data", spec["test"], "--out", store.repo_relative(out),
             "--results", f"runs/tune_lr_{out.name}.md", "--jobs", "1"]
 
 
@@ -80,7 +80,7 @@ def command(corpus: str, lr: float, horizon: int, schedule: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 def sweep_point(rows: list[dict]) -> dict[str, float]:
     """One run: its lowest validation loss and where, the test loss there, and the lowest test loss and where."""
-    c = plots.eval_curve(rows)
+    c = store.eval_curve(rows)
     iv = int(np.nanargmin(c["val"]))
     it = int(np.nanargmin(c["test"]))
     return {"best_val": float(c["val"][iv]), "best_val_step": float(c["step"][iv]),
@@ -99,9 +99,9 @@ def load_points(corpus: str, horizons=HORIZONS, schedule: str = SCHEDULE) -> dic
     points = {}
     for horizon in horizons:
         for lr in sorted({*LRS, *_recorded_lrs(corpus, horizon, schedule)}):
-            d = plots.run_dir(out_dir(corpus, lr, horizon, schedule), 1, "full")
-            if plots.is_complete(d):
-                points[(horizon, lr)] = sweep_point(plots.read_rows(plots.metrics_path(d)))
+            d = store.run_dir(out_dir(corpus, lr, horizon, schedule), 1, "full")
+            if store.is_complete(d):
+                points[(horizon, lr)] = sweep_point(store.read_rows(store.metrics_path(d)))
     return points
 
 
@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for corpus in args.corpora:
             ensure_corpus(corpus)
         cmds = [command(c, lr, h, args.schedule) for h in args.horizons for lr in args.lrs for c in args.corpora
-                if not plots.is_complete(plots.run_dir(out_dir(c, lr, h, args.schedule), 1, "full"))]
+                if not store.is_complete(store.run_dir(out_dir(c, lr, h, args.schedule), 1, "full"))]
         env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             codes = list(pool.map(lambda cmd: subprocess.run(cmd, cwd=REPO, env=env).returncode, cmds))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import paper_table as pt
-from benchmarks import plots
+from benchmarks import plots, store
 from mat_ds.core.config import MATConfig
 
 
@@ -21,7 +21,7 @@ def write_run(out: Path, seed: int, method: str, steps: int, flops_per_step: flo
               val, eval_every: int = 10, active: float = 1.0, overhead: float = 0.0, extra=None,
               done: bool = True) -> Path:
     """A metrics.jsonl in the trainer's format: one row per step, val/test on eval steps, final full-test row."""
-    d = plots.run_dir(out, seed, method)
+    d = store.run_dir(out, seed, method)
     d.mkdir(parents=True, exist_ok=True)
     rows = []
     for t in range(1, steps + 1):
@@ -67,14 +67,14 @@ def test_read_rows_merges_final_test_row_and_skips_truncated_line(tmp_path):
     d = write_run(tmp_path, 1, "full", 20, 1.0, 1.0, linear_val(6, 0.1))
     with open(d / "metrics.jsonl", "a") as fh:
         fh.write('{"trainer/step": 21, "train/lo')  # killed mid-write
-    rows = plots.read_rows(d / "metrics.jsonl")
+    rows = store.read_rows(d / "metrics.jsonl")
     assert [r["trainer/step"] for r in rows] == list(range(1, 21))
     assert rows[-1]["test/loss_final"] == pytest.approx(6 - 2.0 - 0.05) and rows[-1]["val/loss"] == pytest.approx(4.0)
 
 
 # -- per-run metrics --------------------------------------------------------------------------------------------------
 def test_full_against_itself(tmp_path):
-    full = plots.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
+    full = store.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
     m = pt.run_metrics(full, full)
     assert m["budget"] == 60.0 and m["target"] == pytest.approx(3.0)
     assert m["val@1/3"] == pytest.approx(5.0) and m["val@2/3"] == pytest.approx(4.0) and m["val@3/3"] == pytest.approx(3.0)
@@ -86,8 +86,8 @@ def test_full_against_itself(tmp_path):
 def test_cheaper_faster_method_ratios(tmp_path):
     """Half the FLOPs per step, 0.8× the seconds, and twice the per-step progress: reaches full's best (3.0 at step
     30, 60 FLOPs) at step 15 = 15 FLOPs, 0.25× full; 0.2× full's seconds."""
-    full = plots.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
-    fast = plots.read_rows(write_run(tmp_path, 1, "mat", 60, 1.0, 0.4, linear_val(6, 0.2), eval_every=5,
+    full = store.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
+    fast = store.read_rows(write_run(tmp_path, 1, "mat", 60, 1.0, 0.4, linear_val(6, 0.2), eval_every=5,
                                      active=0.5, overhead=0.03) / "metrics.jsonl")
     m = pt.run_metrics(fast, full)
     assert m["reach_step"] == 15
@@ -99,9 +99,9 @@ def test_cheaper_faster_method_ratios(tmp_path):
 
 
 def test_not_reached_and_short_run(tmp_path):
-    full = plots.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
+    full = store.read_rows(write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1)) / "metrics.jsonl")
     # slower learner, capped before the budget: never reaches 3.0, never gets to F
-    slow = plots.read_rows(write_run(tmp_path, 1, "rand", 40, 1.0, 0.5, linear_val(6, 0.05)) / "metrics.jsonl")
+    slow = store.read_rows(write_run(tmp_path, 1, "rand", 40, 1.0, 0.5, linear_val(6, 0.05)) / "metrics.jsonl")
     m = pt.run_metrics(slow, full)
     assert math.isnan(m["reach_flops"]) and math.isnan(m["reach_seconds"])
     assert math.isnan(m["val@3/3"]) and m["val@2/3"] == pytest.approx(6 - 0.05 * 40)
@@ -130,7 +130,7 @@ def synthetic_benchmark(out: Path, seeds=(1, 2, 3), mat_reaches=(True, True, Fal
 
 def test_summary_over_seeds_and_paired_diff(tmp_path):
     synthetic_benchmark(tmp_path)
-    per_seed = pt.per_seed_metrics(plots.load_runs(tmp_path))
+    per_seed = pt.per_seed_metrics(store.load_runs(tmp_path))
     summary = pt.summarize(per_seed)
     rf = summary["mat"]["reach_flops"]
     assert rf.n == 2 and rf.total == 3 and rf.mean == pytest.approx(30 * 1.6 / 60)  # reached at step 30
@@ -153,8 +153,8 @@ def dataclasses_scale() -> dict:
 def test_load_runs_ignores_incomplete(tmp_path):
     write_run(tmp_path, 1, "full", 30, 2.0, 0.5, linear_val(6, 0.1))
     write_run(tmp_path, 1, "mat", 30, 2.0, 0.5, linear_val(6, 0.1), done=False)
-    assert list(plots.load_runs(tmp_path)[1]) == ["full"]
-    assert list(plots.load_runs(tmp_path, complete_only=False)[1]) == ["full", "mat"]
+    assert list(store.load_runs(tmp_path)[1]) == ["full"]
+    assert list(store.load_runs(tmp_path, complete_only=False)[1]) == ["full", "mat"]
 
 
 # -- configs the harness generates ------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def lambda_rows_extra(n_refresh: int, refresh: int, block: dict, L: int = 2, H: 
 def test_lambda_heatmap_replays_frozen_set(tmp_path):
     block = {"policy": "mat", "alpha": 0.3, "beta": 0.05, "warmup_steps": 10, "refresh_interval": 5}
     d = write_run(tmp_path, 1, "mat", 30, 1.0, 1.0, linear_val(6, 0.1), extra=lambda_rows_extra(6, 5, block))
-    rows = plots.read_rows(d / "metrics.jsonl")
+    rows = store.read_rows(d / "metrics.jsonl")
     labels, steps, lam = plots.lambda_matrix(rows)
     assert labels == ["L0H0", "L0H1", "L1H0", "L1H1"] and list(steps) == [0, 5, 10, 15, 20, 25]
     frozen = plots.replay_frozen(rows, block, labels, steps, lam)
@@ -223,7 +223,7 @@ def test_report_only_writes_results_and_plots(tmp_path, capsys):
     block = {"policy": "mat", "alpha": 0.3, "beta": 0.05, "warmup_steps": 10, "refresh_interval": 5}
     write_run(out, 1, "mat", 38, 1.6, 0.45, linear_val(6.01, 0.1), active=0.7, overhead=0.04,
               extra=lambda_rows_extra(7, 5, block))
-    (plots.run_dir(out, 1, "mat") / "ds_config.json").write_text(json.dumps({"mat": block}))
+    (store.run_dir(out, 1, "mat") / "ds_config.json").write_text(json.dumps({"mat": block}))
     (out / "harness.json").write_text(json.dumps({
         "command": "python benchmarks/paper_table.py --seeds 1 2 3", "scale": dataclasses_scale(),
         "seeds": [1, 2, 3], "methods": ["full", "mat", "rand"], "train_data": "x", "test_data": "y",

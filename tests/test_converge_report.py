@@ -13,7 +13,7 @@ import pytest
 from benchmarks import converge as cv
 from benchmarks import launching
 from benchmarks import paper_table as pt
-from benchmarks import plots
+from benchmarks import plots, store
 
 
 def u_curve(best_step: int, best: float, slope: float = 1e-3):
@@ -112,13 +112,13 @@ def test_method_blocks():
 def test_rand_keeps_the_fraction_it_started_with(tmp_path):
     """rand trains at MAT's mean active fraction of the same seed; once started, a continued mat does not change it."""
     s = cv.CONVERGE
-    mat = plots.run_dir(tmp_path, 1, "mat")
+    mat = store.run_dir(tmp_path, 1, "mat")
     mat.mkdir(parents=True)
     rows = [{"trainer/step": t, "mat/active_fraction": 0.25} for t in range(s.mat_warmup + 1, s.mat_warmup + 11)]
     (mat / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     block = cv.method_block("rand", s, 1, tmp_path)
     assert block["rand_active_fraction"] == pytest.approx(0.25)
-    rand = plots.run_dir(tmp_path, 1, "rand")
+    rand = store.run_dir(tmp_path, 1, "rand")
     rand.mkdir(parents=True)
     (rand / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}}))
     rows += [{"trainer/step": t, "mat/active_fraction": 0.0625} for t in range(s.mat_warmup + 11, s.mat_warmup + 31)]
@@ -130,7 +130,7 @@ def test_control_reads_its_own_cell(tmp_path):
     """rand_a0.05_b0 trains random heads at mat_a0.05_b0's fraction of the same seed (not mat's), after that run."""
     s = cv.CONVERGE
     for method, frac in (("mat", 0.0625), ("mat_a0.05_b0", 0.25)):
-        d = plots.run_dir(tmp_path, 2, method)
+        d = store.run_dir(tmp_path, 2, method)
         d.mkdir(parents=True)
         rows = [{"trainer/step": t, "mat/active_fraction": frac} for t in range(s.mat_warmup + 1, s.mat_warmup + 11)]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -141,17 +141,17 @@ def test_control_reads_its_own_cell(tmp_path):
 
     MATConfig.from_dict(block)
     # early stopping counts from the step of the cell's best (a control must not end on the plateau its cell left)
-    cell = plots.run_dir(tmp_path, 2, "mat_a0.05_b0")
+    cell = store.run_dir(tmp_path, 2, "mat_a0.05_b0")
     (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(70, 3.9))))
     assert cv.control_patience_from(tmp_path, 2, "rand_a0.05_b0") == 70
-    ctrl = plots.run_dir(tmp_path, 2, "rand_a0.05_b0")  # once started, its recorded value holds
+    ctrl = store.run_dir(tmp_path, 2, "rand_a0.05_b0")  # once started, its recorded value holds
     ctrl.mkdir(parents=True)
     (ctrl / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}, "args": ["--patience_from", "40"]}))
     assert cv.control_patience_from(tmp_path, 2, "rand_a0.05_b0") == 40
     # rand, the default cell's control, counts from mat's best; one started without the flag (an earlier harness) gets it
-    (plots.run_dir(tmp_path, 2, "mat") / "metrics.jsonl").write_text(
+    (store.run_dir(tmp_path, 2, "mat") / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(30, 4.1))))
-    rand = plots.run_dir(tmp_path, 2, "rand")
+    rand = store.run_dir(tmp_path, 2, "rand")
     rand.mkdir(parents=True)
     (rand / "spec.json").write_text(json.dumps({"ds_config": {"mat": {}}, "args": ["--seed", "2"]}))
     assert cv.control_patience_from(tmp_path, 2, "rand") == 30
@@ -165,12 +165,12 @@ def test_control_reads_its_own_cell(tmp_path):
 def test_raptr_keeps_the_schedule_it_started_with(tmp_path):
     """raptr's stages are thirds of full's length; once raptr started, a full continued under a larger cap keeps them."""
     s = cv.CONVERGE
-    full = plots.run_dir(tmp_path, 1, "full")
+    full = store.run_dir(tmp_path, 1, "full")
     full.mkdir(parents=True)
     (full / "metrics.jsonl").write_text("".join(json.dumps({"trainer/step": t}) + "\n" for t in (3000, 6000)))
     block = cv.method_block("raptr", s, 1, tmp_path)
     assert block["raptr_schedule"] == pt.raptr_schedule(s.n_layer, 6000)
-    raptr = plots.run_dir(tmp_path, 1, "raptr")
+    raptr = store.run_dir(tmp_path, 1, "raptr")
     raptr.mkdir(parents=True)
     (raptr / "spec.json").write_text(json.dumps({"ds_config": {"mat": block}}))
     (full / "metrics.jsonl").write_text("".join(json.dumps({"trainer/step": t}) + "\n" for t in (3000, 6000, 9000)))
@@ -206,7 +206,7 @@ def write_finished_runs(out: Path) -> None:
     """Two seeds of finished full and mat runs (mat 0.11 / 0.12 better at its best), as the harness leaves them."""
     for seed in (1, 2):
         for method, best in (("full", 4.0), ("mat", 3.9 - 0.01 * seed)):
-            d = plots.run_dir(out, seed, method)
+            d = store.run_dir(out, seed, method)
             d.mkdir(parents=True)
             rows = rows_of(100, 10.0, u_curve(50, best), active=lambda t: 1.0 if method == "full" else 0.6)
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -216,11 +216,11 @@ def write_finished_runs(out: Path) -> None:
 def test_write_section_replaces_only_its_block(tmp_path):
     out = tmp_path / "runs"
     write_finished_runs(out)
-    d = plots.run_dir(out, 1, "mat_floor")  # one option run, one seed
+    d = store.run_dir(out, 1, "mat_floor")  # one option run, one seed
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(100, 10.0, u_curve(50, 3.95))))
     (d / "done.json").write_text(json.dumps({"launch_seconds": 60.0}))
-    d = plots.run_dir(out, 1, "rand")  # interrupted: metrics but no done.json
+    d = store.run_dir(out, 1, "rand")  # interrupted: metrics but no done.json
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(40, 10.0, u_curve(50, 4.2))))
     results = tmp_path / "docs" / "results.md"
@@ -305,26 +305,26 @@ def test_records_alone_redraw_the_same_report(tmp_path):
     meta = {"scale": {"n_layer": 4}, "commands": ["python -m benchmarks.paper_table --converge"], "patience": 6,
             "machine": {"cpu_count": 2}}
     live = cv.load(out, [1, 2], ["full", "mat"])
-    first = plots.write_record(plots.run_dir(out, 1, "mat")).read_bytes()
-    assert plots.write_record(plots.run_dir(out, 1, "mat")).read_bytes() == first
+    first = store.write_record(store.run_dir(out, 1, "mat")).read_bytes()
+    assert store.write_record(store.run_dir(out, 1, "mat")).read_bytes() == first
     live_doc = tmp_path / "live.md"
     cv.write_section(live_doc, out, meta, [1, 2])
     for d in out.glob("seed*/*"):
-        plots.write_record(d)
+        store.write_record(d)
         (d / "metrics.jsonl").unlink()
-    assert all(plots.is_complete(d) for d in out.glob("seed*/*"))
+    assert all(store.is_complete(d) for d in out.glob("seed*/*"))
     assert cv.load(out, [1, 2], ["full", "mat"]) == live
     record_doc = tmp_path / "record.md"
     cv.write_section(record_doc, out, meta, [1, 2])
     assert record_doc.read_text() == live_doc.read_text()
     # the harness skips a finished run it finds only as a record (same spec): nothing is launched again
-    d = plots.run_dir(out, 1, "full")
+    d = store.run_dir(out, 1, "full")
     (d / "spec.json").write_text(json.dumps({"ds_config": {"mat": None}, "args": ["--seed", "1"], "num_gpus": 1}))
     assert launching.ensure_run(out, 1, "full", {"mat": None}, ["--seed", "1"], 1) == live[1]["full"]
     assert not (d / "launch.log").exists()
     # a record without done.json (a run killed after a record of an earlier finish) does not count as complete
-    (plots.run_dir(out, 2, "mat") / "done.json").unlink()
-    assert not plots.is_complete(plots.run_dir(out, 2, "mat"))
+    (store.run_dir(out, 2, "mat") / "done.json").unlink()
+    assert not store.is_complete(store.run_dir(out, 2, "mat"))
 
 
 def test_paths_beside_the_repository_stay_relative_through_symbolic_links(tmp_path):
@@ -336,24 +336,24 @@ def test_paths_beside_the_repository_stay_relative_through_symbolic_links(tmp_pa
     (real / "data" / "test.txt").write_text("x\n")
     (repo.parent / "shared").symlink_to(real, target_is_directory=True)
     via_link = repo.parent / "shared" / "data" / "test.txt"
-    assert plots.repo_relative(via_link, repo) == "../shared/data/test.txt"
-    assert plots.repo_relative(real / "data" / "test.txt", repo) == "../shared/data/test.txt"
-    assert plots.repo_relative(repo / "runs" / "x", repo) == "runs/x"
-    assert plots.repo_relative(tmp_path / "other" / "y", repo) == str(tmp_path / "other" / "y")
+    assert store.repo_relative(via_link, repo) == "../shared/data/test.txt"
+    assert store.repo_relative(real / "data" / "test.txt", repo) == "../shared/data/test.txt"
+    assert store.repo_relative(repo / "runs" / "x", repo) == "runs/x"
+    assert store.repo_relative(tmp_path / "other" / "y", repo) == str(tmp_path / "other" / "y")
 
 
 def test_records_name_no_machine_paths(tmp_path):
     """Specs, logs and harness.json are committed: paths in and beside the repository are written relative to it (the
     runs are launched from it), so a clone in another directory matches the specs and its records name no machine."""
-    assert plots.repo_relative(plots.REPO / "runs" / "x.txt") == "runs/x.txt"
-    assert plots.repo_relative(plots.REPO.parent / "shared" / "test.txt") == "../shared/test.txt"
-    if not Path("/").joinpath("nowhere").resolve().is_relative_to(plots.REPO.parent):
-        assert plots.repo_relative("/nowhere/x.txt") == "/nowhere/x.txt"  # elsewhere: absolute, as given
-    assert pt._resolve_data(str(plots.REPO / "README.md"), plots.REPO, "train data") == "README.md"
+    assert store.repo_relative(store.REPO / "runs" / "x.txt") == "runs/x.txt"
+    assert store.repo_relative(store.REPO.parent / "shared" / "test.txt") == "../shared/test.txt"
+    if not Path("/").joinpath("nowhere").resolve().is_relative_to(store.REPO.parent):
+        assert store.repo_relative("/nowhere/x.txt") == "/nowhere/x.txt"  # elsewhere: absolute, as given
+    assert pt._resolve_data(str(store.REPO / "README.md"), store.REPO, "train data") == "README.md"
     d = tmp_path / "run"
     d.mkdir()
     (d / "metrics.jsonl").write_text(json.dumps({"trainer/step": 1}) + "\n")
-    (d / "launch.log").write_text(f"{plots.REPO}/.venv/bin/python3 -u launch/pretrain.py --test_data "
-                                  f"{plots.REPO.parent}/shared/test.txt\n")
-    plots.write_record(d)
+    (d / "launch.log").write_text(f"{store.REPO}/.venv/bin/python3 -u launch/pretrain.py --test_data "
+                                  f"{store.REPO.parent}/shared/test.txt\n")
+    store.write_record(d)
     assert (d / "launch.log").read_text() == ".venv/bin/python3 -u launch/pretrain.py --test_data ../shared/test.txt\n"
