@@ -125,3 +125,68 @@ def test_entry_point_help_renders():
     out = subprocess.run([sys.executable, "launch/pretrain.py", "--help"], cwd=repo, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--flops_budget" in out.stdout and "80% <mask>" in out.stdout
+
+
+@pytest.mark.parametrize("block,match", [
+    ({"probe_normalize": "l2"}, "mat.probe_normalize"),
+    ({"selection": "layer"}, "mat.selection"),
+    ({"selection_score": "z"}, "mat.selection_score"),
+    ({"selection": "top_k"}, "needs mat.active_budget"),
+    ({"selection": "top_k", "active_budget": 0}, "mat.active_budget"),
+    ({"selection": "top_k", "active_budget": 1.5}, "mat.active_budget"),
+    ({"active_budget": 0.5}, "only used with mat.selection='top_k'"),
+    ({"selection": "top_k", "active_budget": 0.5, "alpha": 0.1}, "mat.alpha is only used with"),
+    ({"selection": "top_k", "active_budget": 0.5, "threshold_scope": "layer"}, "mat.threshold_scope is only used"),
+    ({"hysteresis": -0.1}, "mat.hysteresis"),
+    ({"hysteresis": "0.1"}, "mat.hysteresis"),
+    ({"hysteresis": float("inf")}, "mat.hysteresis"),
+    ({"temporal_reference": "last"}, "mat.temporal_reference"),
+    ({"temporal_change": "log"}, "mat.temporal_change"),
+    ({"temporal_change": "relative", "temporal_reference": "first"}, "mat.temporal_reference is only used"),
+    ({"temporal_patience": 0}, "mat.temporal_patience"),
+    ({"temporal_patience": 1.5}, "mat.temporal_patience"),
+    ({"early_stop": 1}, "mat.early_stop"),
+    ({"policy": "rand", "rand_active_fraction": 0.5, "selection": "top_k"}, "only used with mat.policy='mat'"),
+    ({"policy": "full", "probe_normalize": "cosine"}, "mat.probe_normalize is only used with mat.policy='mat'"),
+    ({"policy": "rand", "rand_active_fraction": 0.5, "preset": "paper"}, "mat.preset is only used"),
+    ({"preset": "fast"}, "mat.preset"),
+    ({"preset": "paper", "alpha": 0.05}, "mat.alpha=0.05 conflicts with mat.preset='paper'"),
+    ({"preset": "paper", "probe_normalize": "cosine"}, "mat.probe_normalize='cosine' conflicts"),
+    ({"preset": "paper", "early_stop": 0}, "mat.early_stop=0 conflicts"),
+    ({"policy": "fixed"}, "fixed_active_layers"),
+    ({"policy": "fixed", "fixed_active_layers": [0, 0]}, "fixed_active_layers"),
+    ({"policy": "fixed", "fixed_active_layers": [-1]}, "fixed_active_layers"),
+    ({"policy": "fixed", "fixed_active_layers": 0}, "fixed_active_layers"),
+    ({"fixed_active_layers": [0]}, "only used with mat.policy='fixed'"),
+    ({"policy": "fixed", "fixed_active_layers": [0], "hysteresis": 0.1}, "only used with mat.policy='mat'"),
+])
+def test_bad_rule_keys_are_one_line_errors(block, match):
+    with pytest.raises(ConfigError, match=match) as exc:
+        MATConfig.from_dict(block)
+    assert "\n" not in str(exc.value)
+
+
+def test_rule_keys_defaults_presets_and_irrelevant_keys():
+    from mat_ds.core.config import DEFAULTS, PRESETS
+
+    default, paper = MATConfig.from_dict({}), MATConfig.from_dict({"preset": "paper"})
+    for key in DEFAULTS:
+        assert getattr(default, key) == DEFAULTS[key] == getattr(paper, key), key
+    assert set(PRESETS["paper"]) <= set(DEFAULTS)
+    # a key equal to the preset's value is fine; keys the preset does not set take DEFAULTS (or the user's value)
+    cfg = MATConfig.from_dict({"preset": "paper", "beta": 0.05, "reactivate": False, "warmup_steps": 7})
+    assert (cfg.beta, cfg.reactivate, cfg.warmup_steps) == (0.05, False, 7)
+    # keys the chosen rule does not read are left None (so the resolved config round-trips through its dict)
+    top = MATConfig.from_dict({"selection": "top_k", "active_budget": 0.25, "temporal_change": "relative"})
+    assert top.alpha is None and top.threshold_scope is None and top.temporal_reference is None
+    import dataclasses
+
+    for c in (default, paper, top, MATConfig.from_dict({"policy": "fixed", "fixed_active_layers": [0]}),
+              MATConfig.from_dict({"policy": "rand", "rand_active_fraction": 0.5, "alpha": 0.2})):
+        assert MATConfig(**dataclasses.asdict(c)) == c
+    # other policies: the old rule keys are still accepted (and ignored); the new ones stay unset
+    rand = MATConfig.from_dict({"policy": "rand", "rand_active_fraction": 0.5})
+    assert rand.alpha == DEFAULTS["alpha"] and rand.selection is None and rand.probe_normalize is None
+    fixed = MATConfig.from_dict({"policy": "fixed", "fixed_active_layers": []})
+    assert fixed.freezes and not fixed.needs_probe and "fixed_active_layers=[]" in fixed.describe()
+    assert "probe_normalize='none'" in default.describe() and "\n" not in default.describe()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -43,9 +44,38 @@ def _check_unit(name: str, value: Any, lo_open: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The "mat" block of the DeepSpeed config
 # ----------------------------------------------------------------------------------------------------------------------
-POLICIES = ("mat", "rand", "full", "multirate", "raptr")
+POLICIES = ("mat", "rand", "full", "multirate", "raptr", "fixed")
 PROBE_OUTPUTS = ("loss", "logit_projection", "logit_sum")
 MODULE_KINDS = ("heads", "experts")
+PROBE_NORMALIZE = ("none", "cosine", "trace")
+SELECTIONS = ("threshold", "top_k")
+SELECTION_SCORES = ("lambda", "layer_z")
+TEMPORAL_REFERENCES = ("first", "after_warmup")
+TEMPORAL_CHANGES = ("absolute", "relative")
+
+# THE defaults of the policy's rule keys: the value a key takes when neither the user nor a ``preset`` gives it. This
+# dict is the one place to change them (today they equal the paper's rule, PRESETS["paper"], plus reactivate on).
+DEFAULTS: dict[str, Any] = {
+    "alpha": 0.1, "beta": 0.05, "reactivate": True, "threshold_scope": "global", "min_active_fraction": 0.0,
+    "selection": "threshold", "selection_score": "lambda", "active_budget": None, "hysteresis": 0.0,
+    "probe_normalize": "none", "temporal_reference": "first", "temporal_change": "absolute",
+    "temporal_patience": 1, "early_stop": False,
+}
+# Named rules: a preset sets these keys; giving one of them with another value too is a one-line error.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"alpha": 0.1, "beta": 0.05, "threshold_scope": "global", "min_active_fraction": 0.0,
+              "selection": "threshold", "selection_score": "lambda", "hysteresis": 0.0, "probe_normalize": "none",
+              "temporal_reference": "first", "temporal_change": "absolute", "temporal_patience": 1,
+              "early_stop": False},
+}
+# Keys that only the 'mat' policy reads (given with another policy: a one-line error). The older rule keys (alpha,
+# beta, reactivate, threshold_scope, min_active_fraction) stay accepted, and ignored, with every policy.
+_MAT_ONLY = ("selection", "selection_score", "active_budget", "hysteresis", "probe_normalize", "temporal_reference",
+             "temporal_change", "temporal_patience", "early_stop")
+
+
+def _d(key: str) -> str:
+    return f" Default {DEFAULTS[key]!r} (core/config.py DEFAULTS)."
 
 
 @dataclass
@@ -67,15 +97,29 @@ class MATConfig:
       or within each layer (``"layer"``: every layer keeps its own best units, so no layer is frozen wholesale);
     * floor: the paper lets every unit freeze (``min_active_fraction=0``); a floor keeps at least that share of each
       kind's units training, the highest-λmax frozen ones re-activated first.
+
+    Opt-in variants of the rule (``probe_normalize``, ``selection``/``selection_score``/``active_budget``,
+    ``hysteresis``, ``temporal_reference``/``temporal_change``/``temporal_patience``/``early_stop``) and ``preset``:
+    the rule keys take, in order, the user's value, the preset's, ``DEFAULTS`` (the one place the defaults live; today
+    the paper's rule). A key the chosen rule does not read is left None, and giving it is a one-line error.
     """
 
     enabled: bool = _help("Turn MAT (or the chosen baseline policy) on.", default=True)
     policy: str = _help("'mat' (α/β policy); baselines: 'full' (no freezing), 'rand' (random heads at "
                         "rand_active_fraction), 'multirate' (slow heads updated every multirate_k steps), 'raptr' "
-                        "(random path of layers, growing in stages).", default="mat")
-    alpha: float = _help("Modular threshold: heads with λmax > λmin + (λmax-λmin)·alpha train. In [0, 1].", default=0.1)
-    beta: float = _help("Temporal threshold: a head with Δ_t/Δ_1 < beta has converged and is frozen. In [0, 1].",
-                        default=0.05)
+                        "(random path of layers, growing in stages), 'fixed' (probe-free control: only the units of "
+                        "fixed_active_layers train after warm-up).", default="mat")
+    preset: Optional[str] = _help(
+        "Policy 'mat' only: a named rule that sets its keys (PRESETS in core/config.py): 'paper' = alpha 0.1, beta "
+        "0.05, threshold selection on raw λ (global, no floor, no hysteresis), probe_normalize 'none', temporal "
+        "reference 'first', 'absolute' change, patience 1, no early_stop. Keys the preset does not set take "
+        "DEFAULTS; a key given together with a preset that sets it to ANOTHER value is an error (the preset names "
+        "an exact rule: drop the preset to change it).", default=None)
+    alpha: Optional[float] = _help("Modular threshold (selection 'threshold'): units with score > "
+                                   "s_min + (s_max-s_min)·alpha train. In [0, 1]." + _d("alpha"), default=None)
+    beta: Optional[float] = _help("Temporal threshold: a unit whose change (Δ_t/Δ_ref, or the relative change) is "
+                                  "below beta has converged and is frozen; 0 = no temporal rule. In [0, 1]."
+                                  + _d("beta"), default=None)
     warmup_steps: int = _help("Optimizer steps of full training before any head is frozen.", default=50)
     refresh_interval: int = _help("Optimizer steps between λmax refreshes (and policy decisions).", default=25)
     probe_samples: int = _help("n, the number of probe sequences for the n×n mNTK Gram (>= 2).", default=16)
@@ -87,12 +131,57 @@ class MATConfig:
                             "the cheaper in FLOPs within probe_memory_mb).", default="auto")
     probe_memory_mb: int = _help("Memory bound for one layer's Gram work in a refresh (MiB); a probe that cannot fit "
                                  "is a one-line error at start-up.", default=2048)
-    reactivate: bool = _help("Recompute the frozen set at every refresh (frozen heads can come back).", default=True)
-    threshold_scope: str = _help("Where λ_α = λmin + (λmax-λmin)·alpha is computed: 'global' (over all units of a kind, "
-                                 "the paper) or 'layer' (over each layer's units separately).", default="global")
-    min_active_fraction: float = _help("Policy 'mat': at least ceil(fraction·units) units of each kind keep training "
-                                       "after warm-up (the highest-λmax frozen ones are re-activated). 0 = all may "
-                                       "freeze (the paper). In [0, 1].", default=0.0)
+    probe_normalize: Optional[str] = _help(
+        "Policy 'mat' only: what 'λ' is, from each unit's final (all-reduced) n×n Gram Θ: 'none' (λmax(Θ), the "
+        "paper), 'cosine' (λmax of Θ_ij/sqrt(Θ_ii·Θ_jj), in [1, n]: how aligned the unit's per-sample gradients "
+        "are, scale-free; a sample with zero gradient gets a zero row, a unit with none gets 0) or 'trace' "
+        "(λmax(Θ)/trace(Θ), in [1/n, 1]; 0 for a zero Gram). Logged λ (mat/lambda_max/*) is this value."
+        + _d("probe_normalize"), default=None)
+    reactivate: Optional[bool] = _help("Recompute the frozen set at every refresh (frozen heads can come back)."
+                                       + _d("reactivate"), default=None)
+    selection: Optional[str] = _help(
+        "Policy 'mat' only: the modular rule on the units' scores (selection_score), per kind: 'threshold' (the "
+        "paper's α rule, score > s_min + (s_max-s_min)·alpha trains, over the kind or per layer with "
+        "threshold_scope) or 'top_k' (a budget: the ceil(active_budget·units) highest-score units that the "
+        "temporal rule did not stop train; ties: lower index first)." + _d("selection"), default=None)
+    selection_score: Optional[str] = _help(
+        "Policy 'mat' only: the score the modular rule ranks: 'lambda' (λ itself, the paper; hysteresis acts on "
+        "log λ) or 'layer_z' (z-score of log λ within each layer's units of the kind, population std; a layer "
+        "without spread scores 0; λ <= 0 scores -inf and is left out of its layer's mean/std and of the α rule's "
+        "min/max): scale-free across layers, so a layer with 100× larger λ does not take all places."
+        + _d("selection_score"), default=None)
+    active_budget: Optional[float] = _help(
+        "Selection 'top_k' only (and required there): share of each kind's units that train after warm-up, "
+        "ceil(active_budget·units). In (0, 1].", default=None)
+    hysteresis: Optional[float] = _help(
+        "Policy 'mat' only: a unit that the previous post-warm-up decision left training gets its score raised by "
+        "this much when thresholded or ranked (log λ for score 'lambda', i.e. λ·e^h; z units for 'layer_z'), so "
+        "decisions do not flicker between refreshes. The threshold itself is computed from the unraised scores. "
+        ">= 0." + _d("hysteresis"), default=None)
+    threshold_scope: Optional[str] = _help(
+        "Selection 'threshold' only: where s_α = s_min + (s_max-s_min)·alpha is computed: 'global' (over all units "
+        "of a kind, the paper) or 'layer' (over each layer's units separately)." + _d("threshold_scope"),
+        default=None)
+    min_active_fraction: Optional[float] = _help(
+        "Policy 'mat': at least ceil(fraction·units) units of each kind keep training after warm-up (the "
+        "highest-score frozen ones are re-activated; applied last, over every other rule). 0 = all may freeze (the "
+        "paper). In [0, 1]." + _d("min_active_fraction"), default=None)
+    temporal_reference: Optional[str] = _help(
+        "Policy 'mat', temporal_change 'absolute' only: the reference Δ_ref of Δ_t/Δ_ref: 'first' (the unit's "
+        "first measured change, step 0 -> first refresh, the paper) or 'after_warmup' (the first change measured "
+        "at a refresh at or after warmup_steps, outside the LR warm-up transient)." + _d("temporal_reference"),
+        default=None)
+    temporal_change: Optional[str] = _help(
+        "Policy 'mat' only: the temporal rule's measure of change between consecutive refreshes: 'absolute' "
+        "(|λ_t-λ_{t-1}|/Δ_ref, the paper) or 'relative' (|λ_t-λ_{t-1}|/λ_{t-1}, no reference), compared with "
+        "beta." + _d("temporal_change"), default=None)
+    temporal_patience: Optional[int] = _help(
+        "Policy 'mat' only: m >= 1 consecutive measured refreshes (warm-up ones included) with change below beta "
+        "before the temporal rule stops a unit; 1 = the paper." + _d("temporal_patience"), default=None)
+    early_stop: Optional[bool] = _help(
+        "Policy 'mat' only: a unit the temporal rule stopped (at a post-warm-up decision) stays frozen for the rest "
+        "of the run, whatever reactivate says (reactivate governs the modular rule). The min_active_fraction floor "
+        "still applies." + _d("early_stop"), default=None)
     rand_active_fraction: Optional[float] = _help(
         "Policy 'rand' only: fraction of heads trained after warm-up, chosen uniformly at random at each refresh.",
         default=None)
@@ -104,6 +193,10 @@ class MATConfig:
     raptr_schedule: Optional[list] = _help(
         "Policy 'raptr' only: [[start_step, path_length], ...], first start 0. Each step trains a random path of "
         "path_length layers (first and last layer always in it); skipped layers are the identity.", default=None)
+    fixed_active_layers: Optional[list] = _help(
+        "Policy 'fixed' only (and required there): transformer layer indices whose units (of the kinds in modules) "
+        "keep training after warmup_steps; every other unit is frozen from warm-up on, for good. No probe runs. "
+        "[0] = all but layer 0's attention frozen; [] = all attention frozen.", default=None)
     modules: list = _help("Module kinds the policy selects: 'heads' (attention heads) and/or 'experts' (MoE experts; "
                           "ignored for a dense model). Each kind gets its own threshold: λ scales differ by kind.",
                           default_factory=lambda: ["heads", "experts"])
@@ -113,10 +206,12 @@ class MATConfig:
 
     def __post_init__(self) -> None:
         _check_choice("mat.policy", self.policy, POLICIES)
+        self._resolve_rule_keys()
         _check_choice("mat.probe_output", self.probe_output, PROBE_OUTPUTS)
         _check_choice("mat.probe_gram", self.probe_gram, ("auto", "materialized", "ghost"))
         _check_int("mat.probe_memory_mb", self.probe_memory_mb, 1)
-        _check_unit("mat.alpha", self.alpha)
+        if self.alpha is not None:  # None: selection 'top_k' (no α rule)
+            _check_unit("mat.alpha", self.alpha)
         _check_unit("mat.beta", self.beta)
         _check_int("mat.warmup_steps", self.warmup_steps, 0)
         _check_int("mat.refresh_interval", self.refresh_interval, 1)
@@ -128,8 +223,24 @@ class MATConfig:
                and all(m in MODULE_KINDS for m in self.modules) and len(set(self.modules)) == len(self.modules),
                f"mat.modules={self.modules!r} must be a non-empty list of distinct kinds from {list(MODULE_KINDS)}")
         _check(isinstance(self.reactivate, bool), f"mat.reactivate={self.reactivate!r} must be true or false")
-        _check_choice("mat.threshold_scope", self.threshold_scope, ("global", "layer"))
+        if self.threshold_scope is not None:  # None: selection 'top_k'
+            _check_choice("mat.threshold_scope", self.threshold_scope, ("global", "layer"))
         _check_unit("mat.min_active_fraction", self.min_active_fraction)
+        if self.policy == "mat":
+            _check_choice("mat.selection", self.selection, SELECTIONS)
+            _check_choice("mat.selection_score", self.selection_score, SELECTION_SCORES)
+            _check_choice("mat.probe_normalize", self.probe_normalize, PROBE_NORMALIZE)
+            _check_choice("mat.temporal_change", self.temporal_change, TEMPORAL_CHANGES)
+            if self.temporal_reference is not None:  # None: temporal_change 'relative' (no reference)
+                _check_choice("mat.temporal_reference", self.temporal_reference, TEMPORAL_REFERENCES)
+            _check_int("mat.temporal_patience", self.temporal_patience, 1)
+            _check(isinstance(self.early_stop, bool), f"mat.early_stop={self.early_stop!r} must be true or false")
+            _check(isinstance(self.hysteresis, (int, float)) and not isinstance(self.hysteresis, bool)
+                   and math.isfinite(self.hysteresis) and self.hysteresis >= 0,
+                   f"mat.hysteresis={self.hysteresis!r} must be a number >= 0")
+            if self.selection == "top_k":
+                _check(self.active_budget is not None, "mat.selection='top_k' needs mat.active_budget in (0, 1]")
+                _check_unit("mat.active_budget", self.active_budget, lo_open=True)
         if self.policy == "rand":
             _check(self.rand_active_fraction is not None, "mat.policy='rand' needs mat.rand_active_fraction in (0, 1]")
             _check_unit("mat.rand_active_fraction", self.rand_active_fraction, lo_open=True)
@@ -146,13 +257,76 @@ class MATConfig:
             _check_raptr_schedule(self.raptr_schedule)
         elif self.raptr_schedule is not None:
             raise ConfigError("mat.raptr_schedule is only used with mat.policy='raptr'; remove it")
+        if self.policy == "fixed":
+            layers = self.fixed_active_layers
+            _check(isinstance(layers, list)
+                   and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)
+                   and len(set(layers)) == len(layers),
+                   "mat.policy='fixed' needs mat.fixed_active_layers, a list of distinct layer indices >= 0 "
+                   "(e.g. [0], or [] to freeze every unit)")
+        elif self.fixed_active_layers is not None:
+            raise ConfigError("mat.fixed_active_layers is only used with mat.policy='fixed'; remove it")
 
-    def check_model(self, n_layer: int) -> None:
-        """Checks that need the model: RaPTr path lengths must fit the layer count."""
+    def _resolve_rule_keys(self) -> None:
+        """Fill the rule keys (DEFAULTS) the user did not give: from ``preset`` first, then from DEFAULTS. Keys the
+        chosen rule does not read are left None; giving one of them is a one-line error."""
+        if self.preset is not None:
+            _check(self.policy == "mat", f"mat.preset is only used with mat.policy='mat' (got {self.policy!r}); "
+                                         f"remove it")
+            _check_choice("mat.preset", self.preset, tuple(PRESETS))
+            for key, value in PRESETS[self.preset].items():
+                mine = getattr(self, key)
+                if mine is None:
+                    setattr(self, key, value)
+                else:
+                    _check(mine == value and isinstance(mine, bool) == isinstance(value, bool),
+                           f"mat.{key}={mine!r} conflicts with mat.preset={self.preset!r}, which sets {key}={value!r}: "
+                           f"remove one of the two")
+        given = {key for key in DEFAULTS if getattr(self, key) is not None}  # by the user or the preset
+        if self.policy != "mat":
+            bad = [key for key in _MAT_ONLY if key in given]
+            _check(not bad, f"mat.{bad[0] if bad else ''} is only used with mat.policy='mat'; remove it")
+            for key, value in DEFAULTS.items():
+                if key not in _MAT_ONLY and getattr(self, key) is None:
+                    setattr(self, key, value)
+            return
+        for key, value in DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        unused = []  # (key, the choice that reads it)
+        if self.selection == "top_k":
+            unused += [("alpha", "mat.selection='threshold'"), ("threshold_scope", "mat.selection='threshold'")]
+        else:
+            unused += [("active_budget", "mat.selection='top_k'")]
+        if self.temporal_change == "relative":
+            unused += [("temporal_reference", "mat.temporal_change='absolute'")]
+        for key, where in unused:
+            _check(key not in given, f"mat.{key} is only used with {where}; remove it")
+            setattr(self, key, None)
+
+    def describe(self) -> str:
+        """One line: the rule this configuration runs (logged at start-up)."""
+        keys = ["policy", "preset", "alpha", "beta", "selection", "selection_score", "active_budget", "hysteresis",
+                "threshold_scope", "min_active_fraction", "probe_normalize", "temporal_change", "temporal_reference",
+                "temporal_patience", "early_stop", "reactivate", "warmup_steps", "refresh_interval",
+                "fixed_active_layers", "rand_active_fraction", "modules"]
+        if self.policy != "mat":
+            keys = [k for k in keys if k not in _MAT_ONLY and k not in ("preset", "alpha", "beta", "threshold_scope",
+                                                                         "min_active_fraction", "reactivate")]
+        return "mat: " + " ".join(f"{k}={getattr(self, k)!r}" for k in keys if getattr(self, k) is not None)
+
+    def check_model(self, n_layer: int, layers: Optional[Sequence[int]] = None) -> None:
+        """Checks that need the model: RaPTr path lengths must fit the layer count; the 'fixed' policy's layers must
+        exist (``layers``: the model's unit layer indices, when known; else 0..n_layer-1)."""
         if self.policy == "raptr":
             for _, length in self.raptr_schedule:
                 _check(2 <= length <= n_layer or n_layer < 2,
                        f"mat.raptr_schedule path length {length} must be in [2, n_layer={n_layer}]")
+        if self.policy == "fixed":
+            have = sorted(set(layers)) if layers is not None else list(range(n_layer))
+            missing = [v for v in self.fixed_active_layers if v not in have]
+            _check(not missing, f"mat.fixed_active_layers {missing} not in the model's layers "
+                                f"{have if len(have) <= 8 else f'0..{n_layer - 1}'}")
 
     @property
     def freezes(self) -> bool:

@@ -139,7 +139,9 @@ class MATController:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.probe_fn = probe_fn
-        cfg.check_model(len(units.attention_layers) or 1)
+        cfg.check_model(len(units.attention_layers) or 1, layers=sorted({u.layer for u in units.all()}))
+        if self.rank == 0:  # the rule this run decides with (after preset and DEFAULTS), once
+            print(f"[mat_ds] {cfg.describe()}", flush=True)
         self.layer_path = layer_path if cfg.policy == "raptr" else None
         if cfg.policy == "raptr" and layer_path is None:
             raise ConfigError("mat.policy='raptr' skips whole layers, which mat_ds supports for its own Transformer "
@@ -228,9 +230,9 @@ class MATController:
                 self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
             self.last_probe = result
             if "heads" in self.cfg.modules and self.units.heads:
-                lam["heads"] = result.head_lambda_max()
+                lam["heads"] = result.head_lambda_max(self.cfg.probe_normalize)
             if result.expert_grams is not None:
-                lam["experts"] = result.expert_lambda_max()
+                lam["experts"] = result.expert_lambda_max(self.cfg.probe_normalize)
             metrics.update(result.metrics())
         masks = {kind: policy.update(step, lam[kind]) for kind, policy in self.policies.items()}
         masks["layers"] = self.policies["heads"].skipped_layers(step)

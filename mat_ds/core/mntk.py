@@ -204,13 +204,13 @@ class UnitProbe:
     grad_numel: int  # per-sample weight-gradient entries (n·params) this rank computed
     grad_numel_unsplit: int  # ... and what one rank computing all units would compute
 
-    def head_lambda_max(self) -> torch.Tensor:
-        return lambda_max(self.head_grams)
+    def head_lambda_max(self, normalize: str = "none") -> torch.Tensor:
+        return lambda_max(self.head_grams, normalize)
 
-    def expert_lambda_max(self) -> torch.Tensor:
+    def expert_lambda_max(self, normalize: str = "none") -> torch.Tensor:
         if self.expert_grams is None:
             raise ValueError("this probe did not measure experts (probe_units(..., experts=True))")
-        return lambda_max(self.expert_grams)
+        return lambda_max(self.expert_grams, normalize)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"mat/refresh_comm_bytes": self.gram_allreduce_bytes}
@@ -314,7 +314,24 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
                      total)
 
 
-def lambda_max(grams: torch.Tensor) -> torch.Tensor:
-    """Principal eigenvalue of each symmetric PSD Gram; [..., n, n] -> [...] (float64)."""
+def lambda_max(grams: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+    """Principal eigenvalue of each symmetric PSD Gram; [..., n, n] -> [...] (float64).
+
+    ``normalize`` (``mat.probe_normalize``) makes it scale-free, on the FINAL Gram (after the all-reduce; every Gram
+    form, materialized/ghost/ZeRO-3 shard split/experts, ends here): ``"none"`` λmax(Θ); ``"cosine"`` λmax of
+    Θ_ij/sqrt(Θ_ii·Θ_jj) (in [1, n]: alignment of the unit's per-sample gradients; a sample whose diagonal is <= 0,
+    i.e. a zero gradient, gets a zero row and column, so a unit with no gradient scores 0); ``"trace"``
+    λmax(Θ)/trace(Θ) (in [1/n, 1]; 0 where the trace is <= 0)."""
     sym = 0.5 * (grams + grams.transpose(-1, -2))  # exact symmetry for eigvalsh
-    return torch.linalg.eigvalsh(sym.double().cpu())[..., -1]
+    sym = sym.double().cpu()
+    if normalize == "cosine":
+        diag = torch.diagonal(sym, dim1=-2, dim2=-1)
+        inv = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag))
+        sym = sym * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+    elif normalize not in ("none", "trace"):
+        raise ValueError(f"normalize={normalize!r} is not one of 'none', 'cosine', 'trace'")
+    lam = torch.linalg.eigvalsh(sym)[..., -1]
+    if normalize == "trace":
+        trace = torch.diagonal(sym, dim1=-2, dim2=-1).sum(-1)
+        lam = torch.where(trace > 0, lam / trace.clamp_min(1e-300), torch.zeros_like(lam))
+    return lam

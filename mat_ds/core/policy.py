@@ -17,6 +17,19 @@ MAT (Sec. 4 of the paper), with the choices the paper leaves open made explicit:
 * floor: ``min_active_fraction`` > 0 keeps at least ceil(fraction·M) units training; the frozen units with the highest
   λmax come back first. Applied last, so it overrides both thresholds and ``reactivate``.
 
+Opt-in variants (``MATConfig``; the defaults, ``config.DEFAULTS``, are the paper's rule above, decision for decision):
+
+* ``selection_score="layer_z"``: the modular rule ranks the z-score of log λ within each layer's units, not λ, so a
+  layer whose λ is 100× larger does not take every place; ``selection="top_k"``: instead of the α rule, the
+  ceil(active_budget·M) highest-score units not stopped by the temporal rule train (ties: lower index first);
+  ``hysteresis`` h: units the previous post-warm-up decision left training compare score + h (λ·e^h for raw λ)
+  against a threshold computed from the unraised scores, or rank with it.
+* temporal rule: ``temporal_reference="after_warmup"`` takes Δ_ref at the first refresh at or after warm-up (outside
+  the LR transient); ``temporal_change="relative"`` compares |λ_t − λ_{t−1}|/λ_{t−1} with β (no reference);
+  ``temporal_patience`` m: m consecutive measured refreshes below β; ``early_stop``: a unit stopped by the temporal
+  rule stays frozen for the run (the floor still applies).
+* ``FixedPolicy`` (``policy="fixed"``): a probe-free control, only ``fixed_active_layers`` train after warm-up.
+
 Baselines on the same code path: ``full``; ``rand`` (the paper's MAT-Rand: random heads at a given active fraction);
 ``multirate`` (Vlaar & Leimkuhler 2022, reduced to what freezing expresses: a fixed random half of the heads is "slow"
 and trains only every k-th step); ``raptr`` (Panigrahi et al. 2024, progressive subnetworks: each step trains a random
@@ -84,32 +97,97 @@ class MATPolicy(Policy):
     def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None):
         super().__init__(cfg, n_modules, n_layers, groups)
         self.prev: Optional[torch.Tensor] = None  # λmax at the previous refresh
-        self.delta1: Optional[torch.Tensor] = None  # first measured |Δλmax| per module (the temporal reference)
-        self.ratio: Optional[torch.Tensor] = None  # Δ_t / Δ_1 at the last refresh (logged)
+        # The temporal reference Δ_ref per module (temporal_reference 'first': the first measured |Δλmax|, the paper's
+        # Δ_1; 'after_warmup': the first one measured at or after warmup_steps). Unused with temporal_change 'relative'.
+        self.delta1: Optional[torch.Tensor] = None
+        self.ratio: Optional[torch.Tensor] = None  # the temporal change at the last refresh (Δ_t/Δ_ref or relative)
+        self.below = torch.zeros(n_modules, dtype=torch.long)  # consecutive measured refreshes with change < β
+        self.stopped = torch.zeros(n_modules, dtype=torch.bool)  # early_stop: stopped by the temporal rule for good
 
     def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
         if lam is None:
             raise ValueError("the MAT policy needs λmax at every refresh")
+        cfg = self.cfg
         if self.prev is not None:
             delta = (lam - self.prev).abs()
-            if self.delta1 is None:
-                self.delta1 = delta.clone()
-            self.ratio = delta / self.delta1.clamp_min(_EPS)
+            if cfg.temporal_change == "relative":
+                self.ratio = delta / self.prev.abs().clamp_min(_EPS)
+            else:
+                if self.delta1 is None and (cfg.temporal_reference == "first" or step >= cfg.warmup_steps):
+                    self.delta1 = delta.clone()
+                if self.delta1 is not None:
+                    self.ratio = delta / self.delta1.clamp_min(_EPS)
+            if self.ratio is not None:
+                self.below = torch.where(self.ratio < cfg.beta, self.below + 1, torch.zeros_like(self.below))
         self.prev = lam.clone()
-        if step < self.cfg.warmup_steps:
+        if step < cfg.warmup_steps:
             return torch.zeros(self.n_modules, dtype=torch.bool)
-        if self.cfg.threshold_scope == "layer":
-            frozen = torch.zeros(self.n_modules, dtype=torch.bool)
-            for g in self.groups.unique():
-                sel = self.groups == g
-                frozen[sel] = self.modular_frozen(lam[sel], self.cfg.alpha)
+        # Hysteresis favours the units the previous post-warm-up decision left training (none at the first one).
+        decided = any(s >= cfg.warmup_steps for s, _ in self.history[:-1])
+        active = ~self.frozen if (decided and cfg.hysteresis > 0) else torch.zeros(self.n_modules, dtype=torch.bool)
+        stopped = self.below >= cfg.temporal_patience if self.ratio is not None \
+            else torch.zeros(self.n_modules, dtype=torch.bool)
+        if cfg.early_stop:
+            self.stopped = self.stopped | stopped
+            stopped = stopped | self.stopped
+        score = self.score(lam)
+        if cfg.selection == "top_k":
+            frozen = self.top_k_frozen(score + cfg.hysteresis * active.double(), stopped, cfg.active_budget)
         else:
-            frozen = self.modular_frozen(lam, self.cfg.alpha)
-        if self.ratio is not None:
-            frozen |= self.ratio < self.cfg.beta
-        if not self.cfg.reactivate:
+            if cfg.selection_score == "lambda":  # the paper's α rule on raw λ (hysteresis: λ·e^h vs λ_α)
+                boosted = lam * torch.exp(cfg.hysteresis * active.double()) if active.any() else lam
+                rule = self.modular_frozen
+            else:
+                boosted, rule = score + cfg.hysteresis * active.double(), self.z_frozen
+            if cfg.threshold_scope == "layer":
+                frozen = torch.zeros(self.n_modules, dtype=torch.bool)
+                for g in self.groups.unique():
+                    sel = self.groups == g
+                    frozen[sel] = rule(score[sel] if rule is self.z_frozen else lam[sel], cfg.alpha, boosted[sel])
+            else:
+                frozen = rule(score if rule is self.z_frozen else lam, cfg.alpha, boosted)
+            frozen |= stopped
+        if not cfg.reactivate:
             frozen |= self.frozen
-        return self.apply_floor(frozen, lam, self.cfg.min_active_fraction)
+        return self.apply_floor(frozen, lam if cfg.selection_score == "lambda" else score, cfg.min_active_fraction)
+
+    def score(self, lam: torch.Tensor) -> torch.Tensor:
+        """The selection score: log λ ('lambda'; λ <= 0 -> -inf) or its z-score within each layer ('layer_z')."""
+        log = torch.where(lam > 0, lam.clamp_min(1e-300).log(), torch.full_like(lam, -math.inf))
+        if self.cfg.selection_score == "lambda":
+            return log
+        z = torch.full_like(log, -math.inf)
+        for g in self.groups.unique():
+            sel = (self.groups == g) & torch.isfinite(log)
+            if not sel.any():
+                continue
+            vals = log[sel]
+            std = vals.std(unbiased=False) if vals.numel() > 1 else vals.new_zeros(())
+            z[sel] = (vals - vals.mean()) / std if std > _EPS else torch.zeros_like(vals)
+        return z
+
+    @staticmethod
+    def top_k_frozen(score: torch.Tensor, stopped: torch.Tensor, budget: float) -> torch.Tensor:
+        """Train the ceil(budget·M) highest-score units among those not ``stopped`` (ties: lower index first)."""
+        k = math.ceil(budget * score.numel() - 1e-9)
+        frozen = torch.ones_like(stopped)
+        idx = torch.nonzero(~stopped).flatten()
+        order = torch.argsort(-score[idx], stable=True)
+        frozen[idx[order[:k]]] = False
+        return frozen
+
+    @staticmethod
+    def z_frozen(z: torch.Tensor, alpha: float, boosted: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The α rule on scores that may be -inf (λ <= 0): z_α = z_min + (z_max − z_min)·α over the finite ones; a
+        unit is frozen if its (boosted) score <= z_α; -inf units always. No spread: only -inf units are frozen."""
+        boosted = z if boosted is None else boosted
+        fin = torch.isfinite(z)
+        if not fin.any():
+            return torch.ones_like(z, dtype=torch.bool)
+        lo, hi = z[fin].min(), z[fin].max()
+        if hi - lo <= _EPS * max(abs(float(hi)), 1.0):
+            return ~fin
+        return (boosted <= lo + (hi - lo) * alpha) | ~fin
 
     @staticmethod
     def apply_floor(frozen: torch.Tensor, lam: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -124,17 +202,19 @@ class MATPolicy(Policy):
         return frozen
 
     @staticmethod
-    def modular_frozen(lam: torch.Tensor, alpha: float) -> torch.Tensor:
+    def modular_frozen(lam: torch.Tensor, alpha: float, boosted: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The paper's α rule: frozen if λ <= λ_min + (λ_max − λ_min)·α (``boosted``: the values compared, default λ)."""
         lo, hi = lam.min(), lam.max()
         if hi - lo <= _EPS * max(abs(float(hi)), 1.0):
             return torch.zeros_like(lam, dtype=torch.bool)
-        return lam <= lo + (hi - lo) * alpha
+        return (lam if boosted is None else boosted) <= lo + (hi - lo) * alpha
 
     def state_dict(self) -> dict:
         out = super().state_dict()
         out.update(prev=None if self.prev is None else self.prev.tolist(),
                    delta1=None if self.delta1 is None else self.delta1.tolist(),
-                   ratio=None if self.ratio is None else self.ratio.tolist())
+                   ratio=None if self.ratio is None else self.ratio.tolist(),
+                   below=self.below.tolist(), stopped=self.stopped.tolist())
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,6 +222,26 @@ class MATPolicy(Policy):
         for key in ("prev", "delta1", "ratio"):
             val = state.get(key)
             setattr(self, key, None if val is None else torch.tensor(val, dtype=torch.float64))
+        # Written before temporal_patience / early_stop existed: no counts, nothing early-stopped.
+        below, stopped = state.get("below"), state.get("stopped")
+        self.below = torch.zeros(self.n_modules, dtype=torch.long) if below is None \
+            else torch.tensor(below, dtype=torch.long)
+        self.stopped = torch.zeros(self.n_modules, dtype=torch.bool) if stopped is None \
+            else torch.tensor(stopped, dtype=torch.bool)
+
+
+class FixedPolicy(Policy):
+    """Probe-free control: from ``warmup_steps`` on, only the units in ``fixed_active_layers`` train, for good."""
+
+    name = "fixed"
+
+    def is_refresh_step(self, step: int) -> bool:
+        return self.cfg.freezes and (step % self.cfg.refresh_interval == 0 or step == self.cfg.warmup_steps)
+
+    def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        if step < self.cfg.warmup_steps:
+            return torch.zeros(self.n_modules, dtype=torch.bool)
+        return ~torch.isin(self.groups, torch.tensor(self.cfg.fixed_active_layers, dtype=torch.long))
 
 
 class RandPolicy(Policy):
@@ -210,5 +310,6 @@ def make_policy(cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optio
     """The policy for one unit kind; ``groups`` is each unit's layer (used by ``threshold_scope="layer"``)."""
     if not cfg.freezes:
         return Policy(cfg, n_modules, n_layers, groups)
-    cls = {"mat": MATPolicy, "rand": RandPolicy, "multirate": MultiratePolicy, "raptr": RaPTrPolicy}[cfg.policy]
+    cls = {"mat": MATPolicy, "rand": RandPolicy, "multirate": MultiratePolicy, "raptr": RaPTrPolicy,
+           "fixed": FixedPolicy}[cfg.policy]
     return cls(cfg, n_modules, n_layers, groups)
