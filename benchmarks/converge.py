@@ -73,6 +73,9 @@ SWEEP_OPTIONS = ("mat_logit_sum", "mat_layer", "mat_floor")  # their blocks: ben
 # beats full can be told apart from "freezing this many heads at random would have done it too". ``rand`` is the
 # control of the default cell (``mat``); this one is for the cell that tied or won in the runs so far.
 SWEEP_CONTROLS = ("rand_a0.05_b0",)
+# Probe-free fixed masks (benchmarks/methods.py): attention of every layer but the first frozen at the end of MAT's
+# warm-up, and all attention frozen there. What a λ-guided choice must beat (the α 0.05/β 0 cell kept layer 0's heads).
+MASK_CONTROLS = ("fixed_l0", "fixed_none")
 MARK_BEGIN, MARK_END = "<!-- converge:begin -->", "<!-- converge:end -->"
 
 
@@ -89,7 +92,7 @@ def cell_method(alpha: float, beta: float) -> str:
 def sweep_methods() -> list[str]:
     """The runs ``--sweep`` adds: every α/β cell except the default one (``mat``), the option runs, the controls."""
     cells = [cell_method(a, b) for a in SWEEP_ALPHAS for b in SWEEP_BETAS]
-    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(SWEEP_CONTROLS)
+    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(SWEEP_CONTROLS) + list(MASK_CONTROLS)
 
 
 def reference_of(method: str) -> str:
@@ -446,7 +449,8 @@ def per_seed_lines(ps: dict, methods: list[str]) -> str:
 def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
     """The sweep cell (or option) with the lowest mean paired difference vs full in best test loss (ranking by the
     mean best test loss would favour a cell run only on the seed where full did best), with that difference."""
-    cands = [m for m in sweep_methods() + ["mat"] if m in ps and m not in SWEEP_CONTROLS]  # a control is no cell
+    controls = (*SWEEP_CONTROLS, *MASK_CONTROLS)
+    cands = [m for m in sweep_methods() + ["mat"] if m in ps and m not in controls]  # a control is no cell
     if not cands:
         return None
     diff = {m: pt.Agg.of([v["d_best_test"] for v in ps[m].values()]) for m in cands}
@@ -457,7 +461,7 @@ def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
 def reading(ps: dict) -> list[str]:
     """Plain sentences generated from the numbers (no judgement is typed in by hand)."""
     out = []
-    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS, *SWEEP_CONTROLS):
+    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS, *SWEEP_CONTROLS, *MASK_CONTROLS):
         ref = reference_of(m)
         if m not in ps:
             continue
