@@ -190,3 +190,25 @@ def test_rule_keys_defaults_presets_and_irrelevant_keys():
     fixed = MATConfig.from_dict({"policy": "fixed", "fixed_active_layers": []})
     assert fixed.freezes and not fixed.needs_probe and "fixed_active_layers=[]" in fixed.describe()
     assert "probe_normalize='none'" in default.describe() and "\n" not in default.describe()
+
+
+@pytest.mark.parametrize("key,value", [("alpha", 0.1), ("beta", 0.05), ("reactivate", True),
+                                       ("threshold_scope", "global"), ("min_active_fraction", 0.0),
+                                       ("selection", "threshold"), ("early_stop", False)])
+def test_fixed_policy_takes_no_rule_keys(key, value):
+    # 'fixed' reads no λ rule: every DEFAULTS key given with it is a one-line error (even at its default value) ...
+    with pytest.raises(ConfigError, match=f"mat.{key} is only used with mat.policy='mat'") as exc:
+        MATConfig.from_dict({"policy": "fixed", "fixed_active_layers": [0], key: value})
+    assert "\n" not in str(exc.value)
+
+
+def test_fixed_policy_leaves_the_rule_keys_unset_and_round_trips():
+    import dataclasses
+
+    from mat_ds.core.config import DEFAULTS
+
+    fixed = MATConfig.from_dict({"policy": "fixed", "fixed_active_layers": [0], "warmup_steps": 5})
+    assert all(getattr(fixed, key) is None for key in DEFAULTS)  # ... so its resolved dict builds it again
+    assert MATConfig(**dataclasses.asdict(fixed)) == fixed
+    # the older policies keep accepting (and ignoring) the older rule keys: their configs predate the distinction
+    assert MATConfig.from_dict({"policy": "rand", "rand_active_fraction": 0.5, "alpha": 0.2, "beta": 0.1}).alpha == 0.2

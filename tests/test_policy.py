@@ -444,3 +444,53 @@ def test_old_checkpoint_without_the_new_keys_loads_with_defaults():
     b.load_state_dict(old)
     assert b.below.tolist() == [0, 0, 0] and not b.stopped.any() and torch.equal(b.frozen, a.frozen)
     assert torch.equal(b.delta1, a.delta1)
+
+
+# Decisions of the MAT policy as committed before the opt-in variants (4658d35, mat_ds/core/policy.py run verbatim on
+# _recorded_sequence(): 14 refreshes, 3 layers × 4 heads, layer 0 ~100×), one string per refresh, '1' = frozen. The
+# paper's rule must keep reproducing them whatever DEFAULTS become: via the 'paper' preset, or with every rule key
+# given explicitly. (Raw λ, global α: only layer 0's heads ever train.)
+_PAPER_RECORDED = {
+    (20, True): ["000000000000", "000000000000", "001011111111", "000011111111", "000011111111", "000011111111",
+                 "000011111111", "100011111111", "000111111111", "100011111111", "100011111111", "010011111111",
+                 "000011111111", "000011111111"],
+    (20, False): ["000000000000", "000000000000", "001011111111", "001011111111", "001011111111", "001011111111",
+                  "001011111111", "101011111111", "101111111111", "101111111111", "101111111111", "111111111111",
+                  "111111111111", "111111111111"],
+    (0, True): ["000011111111", "000011111111", "001011111111", "000011111111", "000011111111", "000011111111",
+                "000011111111", "100011111111", "000111111111", "100011111111", "100011111111", "010011111111",
+                "000011111111", "000011111111"],
+}
+_EXPLICIT_RECORDED = [
+    (dict(alpha=0.3, beta=0.2, threshold_scope="layer", min_active_fraction=0.25, reactivate=True),
+     ["000000000000", "000000000000", "111110000011", "011111100011", "111110100011", "111111000011", "111111010011",
+      "011111110011", "011111110011", "111111010011", "011111110011", "011011110111", "011111110011",
+      "011111110011"]),
+    (dict(alpha=0.6, beta=0.3, threshold_scope="global", min_active_fraction=0.5, reactivate=False),
+     ["000000000000", "000000000000"] + ["000010110111"] * 12),
+]
+_PAPER_NEW_KEYS = dict(selection="threshold", selection_score="lambda", hysteresis=0.0, probe_normalize="none",
+                       temporal_change="absolute", temporal_reference="first", temporal_patience=1, early_stop=False)
+
+
+def _masks(cfg):
+    seq, groups = _recorded_sequence()
+    p = MATPolicy(cfg, len(groups), 3, groups)
+    return ["".join("1" if v else "0" for v in p.update(10 * i, l).tolist()) for i, l in enumerate(seq)]
+
+
+@pytest.mark.parametrize("warmup,reactivate", list(_PAPER_RECORDED))
+def test_paper_preset_reproduces_the_recorded_pre_variant_decisions(warmup, reactivate):
+    want = _PAPER_RECORDED[(warmup, reactivate)]
+    cfg = MATConfig.from_dict({"preset": "paper", "warmup_steps": warmup, "refresh_interval": 10,
+                               "reactivate": reactivate})
+    assert _masks(cfg) == want
+    if DEFAULTS == {**DEFAULTS, **PRESETS["paper"], "reactivate": True}:  # today: the defaults are the paper's rule
+        assert _masks(MATConfig.from_dict({"warmup_steps": warmup, "refresh_interval": 10,
+                                           "reactivate": reactivate})) == want
+
+
+@pytest.mark.parametrize("i", range(len(_EXPLICIT_RECORDED)))
+def test_explicit_paper_keys_reproduce_the_recorded_pre_variant_decisions(i):
+    kw, want = _EXPLICIT_RECORDED[i]
+    assert _masks(MATConfig.from_dict({"warmup_steps": 20, "refresh_interval": 10, **kw, **_PAPER_NEW_KEYS})) == want

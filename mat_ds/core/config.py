@@ -69,7 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "early_stop": False},
 }
 # Keys that only the 'mat' policy reads (given with another policy: a one-line error). The older rule keys (alpha,
-# beta, reactivate, threshold_scope, min_active_fraction) stay accepted, and ignored, with every policy.
+# beta, reactivate, threshold_scope, min_active_fraction) stay accepted, and ignored, with the older policies (rand,
+# full, multirate, raptr: their configs predate the distinction); with 'fixed' every DEFAULTS key is an error.
 _MAT_ONLY = ("selection", "selection_score", "active_budget", "hysteresis", "probe_normalize", "temporal_reference",
              "temporal_change", "temporal_patience", "early_stop")
 
@@ -196,7 +197,8 @@ class MATConfig:
     fixed_active_layers: Optional[list] = _help(
         "Policy 'fixed' only (and required there): transformer layer indices whose units (of the kinds in modules) "
         "keep training after warmup_steps; every other unit is frozen from warm-up on, for good. No probe runs. "
-        "[0] = all but layer 0's attention frozen; [] = all attention frozen.", default=None)
+        "[0] = all but layer 0's attention frozen; [] = all attention frozen. The λ rule's keys (DEFAULTS: alpha, "
+        "beta, reactivate, selection, ...) are errors with it and stay unset.", default=None)
     modules: list = _help("Module kinds the policy selects: 'heads' (attention heads) and/or 'experts' (MoE experts; "
                           "ignored for a dense model). Each kind gets its own threshold: λ scales differ by kind.",
                           default_factory=lambda: ["heads", "experts"])
@@ -210,9 +212,10 @@ class MATConfig:
         _check_choice("mat.probe_output", self.probe_output, PROBE_OUTPUTS)
         _check_choice("mat.probe_gram", self.probe_gram, ("auto", "materialized", "ghost"))
         _check_int("mat.probe_memory_mb", self.probe_memory_mb, 1)
-        if self.alpha is not None:  # None: selection 'top_k' (no α rule)
+        if self.alpha is not None:  # None: selection 'top_k' (no α rule), policy 'fixed'
             _check_unit("mat.alpha", self.alpha)
-        _check_unit("mat.beta", self.beta)
+        if self.beta is not None:  # None: policy 'fixed' (no rule keys)
+            _check_unit("mat.beta", self.beta)
         _check_int("mat.warmup_steps", self.warmup_steps, 0)
         _check_int("mat.refresh_interval", self.refresh_interval, 1)
         _check_int("mat.probe_samples", self.probe_samples, 2)
@@ -222,10 +225,12 @@ class MATConfig:
         _check(isinstance(self.modules, list) and len(self.modules) > 0
                and all(m in MODULE_KINDS for m in self.modules) and len(set(self.modules)) == len(self.modules),
                f"mat.modules={self.modules!r} must be a non-empty list of distinct kinds from {list(MODULE_KINDS)}")
-        _check(isinstance(self.reactivate, bool), f"mat.reactivate={self.reactivate!r} must be true or false")
-        if self.threshold_scope is not None:  # None: selection 'top_k'
+        if self.reactivate is not None:  # None: policy 'fixed'
+            _check(isinstance(self.reactivate, bool), f"mat.reactivate={self.reactivate!r} must be true or false")
+        if self.threshold_scope is not None:  # None: selection 'top_k', policy 'fixed'
             _check_choice("mat.threshold_scope", self.threshold_scope, ("global", "layer"))
-        _check_unit("mat.min_active_fraction", self.min_active_fraction)
+        if self.min_active_fraction is not None:  # None: policy 'fixed'
+            _check_unit("mat.min_active_fraction", self.min_active_fraction)
         if self.policy == "mat":
             _check_choice("mat.selection", self.selection, SELECTIONS)
             _check_choice("mat.selection_score", self.selection_score, SELECTION_SCORES)
@@ -284,10 +289,12 @@ class MATConfig:
                            f"remove one of the two")
         given = {key for key in DEFAULTS if getattr(self, key) is not None}  # by the user or the preset
         if self.policy != "mat":
-            bad = [key for key in _MAT_ONLY if key in given]
+            # 'fixed' is new (no old configs to keep loading): none of the rule keys may be given with it.
+            mat_only = tuple(DEFAULTS) if self.policy == "fixed" else _MAT_ONLY
+            bad = [key for key in mat_only if key in given]
             _check(not bad, f"mat.{bad[0] if bad else ''} is only used with mat.policy='mat'; remove it")
             for key, value in DEFAULTS.items():
-                if key not in _MAT_ONLY and getattr(self, key) is None:
+                if key not in mat_only and getattr(self, key) is None:
                     setattr(self, key, value)
             return
         for key, value in DEFAULTS.items():
