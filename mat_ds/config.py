@@ -137,6 +137,12 @@ class RunConfig:
     save_interval: int = _help("Optimizer steps between checkpoints (0 = only at the end).", default=100)
     resume: str = _help("'auto' (resume from the latest checkpoint if there is one), 'never', or a checkpoint tag.",
                         default="auto")
+    keep_checkpoints: int = _help("Checkpoints kept in save_dir (Hugging Face's save_total_limit): after each save "
+                                  "completed on every rank, rank 0 removes all global_stepN tags but the N newest, "
+                                  "the one `latest` names and the one of the step with the best monitored evaluation "
+                                  "loss (the loss patience watches; there is one when a save fell on that step, e.g. "
+                                  "save_interval a multiple of eval_interval); 0 = keep all. Other tag names are "
+                                  "never removed.", default=3)
     run_name: Optional[str] = _help("W&B run name (default: the out_dir's name).", default=None)
     wandb_project: str = _help("W&B project.", default="mat_ds")
     wandb_mode: str = _help("'offline', 'online' or 'disabled' (WANDB_MODE in the environment wins).", default="offline")
@@ -152,7 +158,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_int("train_steps", self.train_steps, 1)
-        for name in ("eval_interval", "eval_batches", "save_interval", "patience", "patience_from"):
+        for name in ("eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "patience",
+                     "patience_from"):
             _check_int(name, getattr(self, name), 0)
         _check_int("log_interval", self.log_interval, 1)
         _check(not self.patience or self.eval_interval > 0, "patience needs eval_interval > 0 (it counts evaluations)")

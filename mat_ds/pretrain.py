@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Check every step that frozen heads changed by exactly 0 (logs mat/frozen_max_abs_change).")
     add_cli_arguments(parser)
     args = parser.parse_args(argv)
+    trainer = None
     try:
         ds_config = load_deepspeed_config(args.deepspeed_config)
         model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
@@ -40,14 +41,35 @@ def main(argv: list[str] | None = None) -> int:
             hf_directory(model_cfg.model)
         from .train import Trainer
 
-        Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen).train()
+        trainer = Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen)
+        trainer.train()
         from .distributed import shutdown_distributed
 
         shutdown_distributed()  # every rank finished the same loop; tear the process group down in order
     except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _report(exc)
         return 2
+    finally:
+        if trainer is not None:
+            trainer.close()  # the out_dir lock
     return 0
+
+
+def _report(exc: Exception) -> None:
+    """``error: ...`` on stderr. An error every rank raised together (``every_rank``: a checkpoint that cannot be
+    loaded, an out_dir held by another run) is printed by rank 0 alone, and the other ranks wait for that line before
+    they exit (the launcher kills the remaining ranks as soon as one exits)."""
+    import torch.distributed as dist
+
+    together = getattr(exc, "every_rank", False) and dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if together else 0
+    if rank == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    if together and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Progress:
     best_eval: float = float("inf")  # lowest monitored evaluation loss so far (RunConfig.patience)
     evals_since_best: int = 0  # evaluations since that best
     patience_from: int = 0  # the RunConfig.patience_from that best_eval / evals_since_best were counted under
+    best_step: int = 0  # the step of best_eval (0 = none yet): retention keeps that checkpoint when one was saved
 
 
 def _seed_step(seed: int, step: int, micro_index: int) -> None:
@@ -109,7 +110,23 @@ class Trainer:
         self.model_cfg, self.data_cfg, self.run_cfg = model_cfg, data_cfg, run_cfg
         self.mat_cfg = MATConfig.from_dict(ds_config.get("mat"))
         self.mat_cfg.check_model(model_cfg.n_layer)
-        init_distributed()
+        # One live run per out_dir: rank 0 takes the lock before the process group exists, every rank learns its
+        # decision (checkpoint.lock_out_dir); released by close(), or by the kernel when the process dies.
+        self.run_lock = checkpoint.lock_out_dir(run_cfg.out_dir, init_distributed)
+        try:
+            self._setup(ds_config, verify_frozen)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the out_dir lock (rank 0). Called by the entry point after train(), and on a failed start."""
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _setup(self, ds_config: dict, verify_frozen: bool) -> None:
+        model_cfg, data_cfg, run_cfg = self.model_cfg, self.data_cfg, self.run_cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.data = prepare_data(data_cfg, is_main=self.is_main, barrier=dist.barrier)
@@ -157,6 +174,7 @@ class Trainer:
                 # A run continued under a different patience_from (e.g. the converge harness's raptr): the restored
                 # count was made under the old rule, so early stopping starts counting afresh from here.
                 self.progress.best_eval, self.progress.evals_since_best = float("inf"), 0
+                self.progress.best_step = 0
                 self.progress.patience_from = run_cfg.patience_from
         stage = int(self.engine.zero_optimization_stage())
         self.config_dict = {**as_dict(model_cfg, data_cfg, run_cfg, self.mat_cfg), "deepspeed": ds_config,
@@ -281,8 +299,10 @@ class Trainer:
                       f"{metrics['perf/tokens_per_second']:.0f} tok/s"
                       + (f" val {last_val:.4f}" if "val/loss" in metrics else ""), flush=True)
             if (run.save_interval and p.step % run.save_interval == 0) or last_step:
+                best = checkpoint.tag_for(p.best_step) if p.best_step else None  # retention keeps it
                 checkpoint.save(self.engine, run.save_dir, p.step, {"progress": vars(p).copy(),
-                                                                    "config": self.config_dict})
+                                                                    "config": self.config_dict},
+                                keep=run.keep_checkpoints, best=best)
 
         summary = {"step": p.step, "val/loss": last_val, "perf/flops_cumulative": p.flops + p.probe_flops,
                    "mat/refresh_share": p.refresh_seconds / max(p.train_seconds, 1e-9)}
@@ -338,7 +358,7 @@ class Trainer:
         if p.step < self.run_cfg.patience_from:
             return
         if loss < p.best_eval:
-            p.best_eval, p.evals_since_best = loss, 0
+            p.best_eval, p.evals_since_best, p.best_step = loss, 0, p.step
         else:
             p.evals_since_best += 1
 
