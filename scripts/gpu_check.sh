@@ -38,7 +38,8 @@ else PY=$(command -v python3 || command -v python); fi
 # -- is there a GPU at all? ------------------------------------------------------------------------------------------
 DRY_RUN=0
 if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
-    # Testing this script itself on a CPU machine: the same pipeline on gloo ranks (fp16 cases skipped).
+    # Testing this script itself on a CPU machine: the same pipeline on gloo ranks (fp16 cases run where DeepSpeed's
+    # CPU accelerator reports fp16, get_accelerator().is_fp16_supported(), and are skipped, saying so, elsewhere).
     DRY_RUN=1
     NUM_GPUS=${GPU_CHECK_CPU_RANKS:-2}
 elif ! command -v nvidia-smi >/dev/null 2>&1; then

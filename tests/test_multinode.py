@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hardware import fp16_branch, fp16_supported
 from tests.launcher import REPO, deepspeed_env, free_port, kill_group, run_deepspeed
 
 SCRIPT = REPO / "tests" / "scripts" / "multinode_check.py"
@@ -319,7 +320,19 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     by = {(r["check"], r["case"]): r for r in rows}
     assert by[("backend", "gloo x2")]["ok"]
     assert by[("freeze", "own:z2:bf16")]["ok"] and by[("freeze", "switch:z2:bf16")]["ok"]
-    assert by[("freeze", "own:z3:fp16")].get("skipped")  # no fp16 on CPU
+    # fp16 follows the accelerator (the query mat_ds.initialize makes), asked here and on every launched rank
+    fp16 = fp16_supported()
+    for r in rows:
+        if r["check"] != "trainer":
+            assert r["fp16_supported"] == [fp16, fp16], (r["case"], r["fp16_supported"], fp16)
+    half = by[("freeze", "own:z3:fp16")]
+    print(f"gpu_check dry run: {fp16_branch()}; own:z3:fp16 -> {half.get('detail')}")
+    if fp16:  # it ran: frozen weights, fp32 master and Adam state exactly unchanged, no step skipped on its own
+        assert half["ok"] and not half.get("skipped"), half
+        assert half["frozen_weight_drift"] == 0.0 and half["frozen_master_state_drift"] == 0.0, half
+        assert half["skipped_steps"] == 0 and len(half["losses"]) == 4, half  # step 0 + --freeze_steps 3
+    else:
+        assert half.get("skipped") and "reports no fp16" in half["detail"], half
     for case in ("tiny:materialized", "tiny:ghost", "tiny:auto"):
         assert by[("refresh", case)]["ok"]
     trainer = by[("trainer", "pretrain x2 bf16 z2")]

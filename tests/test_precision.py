@@ -1,15 +1,22 @@
-"""MAT in real pretraining settings, on 2 real ranks (tests/scripts/precision_check.py): precision {fp32, bf16} x
-ZeRO {0, 1, 2, 3} x activation checkpointing {off, torch non-reentrant, DeepSpeed's, HF's}, gradient accumulation 2.
+"""MAT in real pretraining settings, on 2 real ranks (tests/scripts/precision_check.py): precision {fp32, bf16, fp16}
+x ZeRO {0, 1, 2, 3} x activation checkpointing {off, torch non-reentrant, DeepSpeed's, HF's}, gradient accumulation 2.
 
 Per runnable cell: frozen heads keep their weights, fp32 master and Adam fragments bit-identical on every rank while
 every other head trains; no weight gradient is computed for them, also in the recomputed backward of a checkpointed
 block, and gradient bytes drop by exactly their share; λmax is the explicit Jacobian's (fp32: rel err < 1e-4) and
-identical with checkpointing on and off; bf16 tracks fp32 (per-step |Δloss| <= LOSS_TOL); MAT's own refreshes under
-gradient accumulation change the frozen set only at optimizer-step boundaries; an overflowing step is skipped by ZeRO
-(1-3) without touching any head. Refusals: fp16 on a CPU accelerator, ZeRO-Offload
-with freezing, each a one-line ConfigError; policy "full" with ZeRO-Offload trains.
+identical with checkpointing on and off; bf16 and fp16 track fp32 (per-step |Δloss| <= LOSS_TOL); MAT's own refreshes
+under gradient accumulation change the frozen set only at optimizer-step boundaries; an overflowing step is skipped by
+ZeRO (1-3; and by the bf16/fp16 wrapper without ZeRO) without touching any head. Refusals: ZeRO-Offload with freezing,
+a one-line ConfigError; policy "full" with ZeRO-Offload trains.
 
-Default suite: ONE launch (ZeRO-2 row, both precisions, every checkpointing kind, plus the error cases). Slow
+fp16 follows the hardware, decided by the query mat_ds itself makes (``get_accelerator().is_fp16_supported()``,
+``tests/hardware.py``): where it answers yes (CUDA; a CPU whose oneDNN has fp16, e.g. AVX512-FP16/AMX Xeons) the fp16
+cells exist and run like the bf16 ones (with dynamic loss scaling: no step skipped but the forced overflow), and the
+errors case's fp16 configs must be ACCEPTED; where it answers no, no fp16 cell is generated and the fp16 configs must
+be one-line ConfigErrors. The launched ranks ask the same query and report it; a test asserts they agree with this
+process. Which branch ran is in the test ids and in the terminal summary (tests/conftest.py).
+
+Default suite: ONE launch (ZeRO-2 row, every precision, every checkpointing kind, plus the error cases). Slow
 (``-m slow``): the ZeRO-0, ZeRO-1 and ZeRO-3 rows (one launch each).
 """
 from __future__ import annotations
@@ -18,17 +25,21 @@ from collections import defaultdict
 
 import pytest
 
+from tests.hardware import fp16_branch, fp16_supported
 from tests.launcher import REPO, launch_cases
 
 SCRIPT = REPO / "tests" / "scripts" / "precision_check.py"
 LAM_TOL = 1e-4  # fp32: fast-path probe vs explicit Jacobian (measured ~1e-7)
 BF16_LAM_TOL = 0.05  # bf16 probe vs the fp32 probe of the same weights (measured <= 6.5e-3): loosely bounded
+FP16_LAM_TOL = 0.05  # fp16 probe vs the fp32 probe of the same weights (measured <= 1.1e-3 on a CPU with fp16)
 # per-step |mean loss bf16 - mean loss fp32| over the 8 fixed-mask steps; measured <= 0.0048 (own Transformer) and
-# <= 0.0202 (HF BERT, whose loss is itself computed in bf16: spacing 0.016-0.03 at loss 2-8), ZeRO 1-3
+# <= 0.0202 (HF BERT, whose loss is itself computed in bf16: spacing 0.016-0.03 at loss 2-8), ZeRO 1-3; fp16 (a CPU
+# with fp16, dynamic loss scale 2^8): <= 0.0002 (own) and <= 0.0015 (HF BERT), ZeRO 1-3
 LOSS_TOL = 0.05
 # bf16 WITHOUT ZeRO: DeepSpeed's own DDP_BFLOAT16 path (bf16 gradient accumulation, FP16_UnfusedOptimizer) drifts from
 # fp32 with no MAT at all (tests/scripts/ds_bf16_zero0.py, plain MLP: 0.345 over 8 steps vs 0.0048 with ZeRO-1);
-# mat_ds's ZeRO-0 cells measured 0.090 (own) and 0.097 after 6 of 8 steps (HF BERT), final step < 0.15
+# mat_ds's ZeRO-0 cells measured 0.090 (own) and 0.097 after 6 of 8 steps (HF BERT), final step < 0.15; fp16 takes the
+# same FP16_UnfusedOptimizer path without ZeRO: 0.107 (own) and 0.100 (HF BERT)
 LOSS_TOL_ZERO0 = 0.15
 AC_LOSS_TOL = 1e-5  # fp32: per-step |loss with checkpointing - loss without| (measured: exactly 0)
 FROZEN_HEADS = (1, 4)
@@ -37,15 +48,22 @@ POLICY_START, POLICY_STEPS = 8, 6  # steps 0-1 everything trains, 2-7 a fixed fr
 POLICY_REFRESHES = [8, 10, 12]  # refresh_interval 2
 
 
+FP16 = fp16_supported()  # this machine's answer, the query mat_ds.initialize makes (tests/hardware.py)
+PRECS = ("fp32", "bf16") + (("fp16",) if FP16 else ())
+FP16_INITIAL_SCALE = 2.0 ** 8  # precision_check.FP16_BLOCK
+
+
 def _row(stage: int) -> list[str]:
-    precs = ("fp32", "bf16")
+    precs = PRECS
     return [f"{p}:{stage}:{m}" for p in precs for m in ("own:off", "own:torch", "own:ds", "bert:hf")]
 
 
 GROUPS = {"zero2": _row(2) + ["errors"], "zero0": _row(0), "zero1": _row(1), "zero3": _row(3)}
 SLOW = {"zero0", "zero1", "zero3"}
 # gradient element size on the wire (comms logger), every stage (ZeRO-1 under bf16 = DeepSpeed's BF16_Optimizer too)
-GRAD_BYTES = {"fp32": 4, "bf16": 2}
+GRAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PARAM_DTYPE = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+LAM_TOL_OF = {"bf16": BF16_LAM_TOL, "fp16": FP16_LAM_TOL}
 _results: dict[str, dict[str, dict]] = {}
 
 
@@ -68,18 +86,19 @@ def results(spec: str) -> dict:
             _failed[group] = str(exc)
             raise
         _results[group] = rows
+        print(fp16_branch())
         for r in _results[group].values():
             _print_row(r, _results[group])
     return _results[group][spec]
 
 
 def _fp32_twin(r: dict, group: dict) -> dict | None:
-    return group.get(r["spec"].replace("bf16:", "fp32:", 1)) if r["prec"] == "bf16" else None
+    return group.get("fp32:" + r["spec"].split(":", 1)[1]) if r["prec"] != "fp32" else None
 
 
 def _print_row(r: dict, group: dict) -> None:
     if r["spec"] == "errors":
-        print("errors:", r["refused"], r["cpu_adam"], r["offload_full_runs"])
+        print("errors:", r["refused"], r["fp16_accepted"], r["cpu_adam"], r["offload_full_runs"])
         return
     twin = _fp32_twin(r, group)
     dloss = max(abs(a - b) for a, b in zip(r["losses"], twin["losses"])) if twin else float("nan")
@@ -88,6 +107,10 @@ def _print_row(r: dict, group: dict) -> None:
           f"lam err step0 {r['step0_lam_rel_err_oracle']:.1e} trained {r['trained_lam_rel_err_oracle']:.1e} "
           f"(ac/noac {r['trained_ac_vs_noac_max_abs']}) | max|dloss| vs fp32 {dloss:.4f} | grad B drop {g['drop']} | "
           f"refreshes {r['policy_refresh_log']} | overflow {r.get('overflow', {}).get('skipped_steps_delta')} | "
+          f"lam err vs fp32 probe {r['step0_lam_rel_err_fp32_probe']:.1e}/{r['trained_lam_rel_err_fp32_probe']:.1e} | "
+          f"skipped {r['skipped_steps_per_step']} before overflow {r['skipped_steps_before_overflow']} | "
+          f"scale {sorted(set(map(str, r['loss_scale_per_step'])))} -> overflow "
+          f"{r.get('overflow', {}).get('loss_scale_before')}->{r.get('overflow', {}).get('loss_scale_after')} | "
           f"{r['seconds']:.1f}s")
 
 
@@ -98,7 +121,7 @@ CELLS = [pytest.param(spec, marks=[pytest.mark.slow] if group in SLOW else [], i
 @pytest.mark.parametrize("spec", CELLS)
 def test_frozen_heads_weights_master_and_adam_state_bit_identical(spec):
     r = results(spec)
-    assert r["param_dtype"] == ("torch.bfloat16" if r["prec"] == "bf16" else "torch.float32")
+    assert r["param_dtype"] == PARAM_DTYPE[r["prec"]]
     assert r["requires_grad_off"]
     assert r["frozen_weight_drift"] == 0.0
     assert r["frozen_state_drift"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
@@ -144,7 +167,8 @@ def test_lambda_max_exact_and_unchanged_by_checkpointing(spec):
             assert r[f"{when}_lam_rel_err_oracle"] < LAM_TOL, (when, r[f"{when}_lam_rel_err_oracle"])
             assert r[f"{when}_gram_rel_err_oracle"] < LAM_TOL, (when, r[f"{when}_gram_rel_err_oracle"])
         else:
-            assert r[f"{when}_lam_rel_err_fp32_probe"] < BF16_LAM_TOL, (when, r[f"{when}_lam_rel_err_fp32_probe"])
+            tol = LAM_TOL_OF[r["prec"]]
+            assert r[f"{when}_lam_rel_err_fp32_probe"] < tol, (when, r[f"{when}_lam_rel_err_fp32_probe"])
     if r["ac"] != "off" and r["model"] == "own":  # same init, same λ as the cell without checkpointing
         off = _results[_group_of(spec)][spec.rsplit(":", 1)[0] + ":off"]
         assert r["step0_lam"] == off["step0_lam"]
@@ -152,14 +176,42 @@ def test_lambda_max_exact_and_unchanged_by_checkpointing(spec):
             assert max(abs(a - b) / b for a, b in zip(r["trained_lam"], off["trained_lam"])) < LAM_TOL
 
 
+def _low_precision_losses_track_fp32(spec):
+    half = results(spec)
+    fp32 = _fp32_twin(half, _results[_group_of(spec)])
+    diffs = [abs(a - b) for a, b in zip(half["losses"], fp32["losses"])]
+    tol = LOSS_TOL_ZERO0 if half["stage"] == 0 else LOSS_TOL
+    assert len(diffs) == POLICY_START and max(diffs) <= tol, diffs
+    assert fp32["losses"][-1] < fp32["losses"][0] and half["losses"][-1] < half["losses"][0]
+
+
 @pytest.mark.parametrize("spec", [c for c in CELLS if c.values[0].startswith("bf16")])
 def test_bf16_losses_track_fp32(spec):
-    bf16 = results(spec)
-    fp32 = _fp32_twin(bf16, _results[_group_of(spec)])
-    diffs = [abs(a - b) for a, b in zip(bf16["losses"], fp32["losses"])]
-    tol = LOSS_TOL_ZERO0 if bf16["stage"] == 0 else LOSS_TOL
-    assert len(diffs) == POLICY_START and max(diffs) <= tol, diffs
-    assert fp32["losses"][-1] < fp32["losses"][0] and bf16["losses"][-1] < bf16["losses"][0]
+    _low_precision_losses_track_fp32(spec)
+
+
+# fp16-only tests exist only where the accelerator has fp16 (not an empty, skipped parametrization elsewhere); where it
+# has none, no fp16 cell is generated and test_unsupported_configs_are_one_line_config_errors[fp16_*] exist instead.
+if FP16:
+    FP16_CELLS = [c for c in CELLS if c.values[0].startswith("fp16")]
+
+    @pytest.mark.parametrize("spec", FP16_CELLS)
+    def test_fp16_losses_track_fp32(spec):
+        _low_precision_losses_track_fp32(spec)
+
+    @pytest.mark.parametrize("spec", FP16_CELLS)
+    def test_fp16_dynamic_loss_scaling_skips_only_the_forced_overflow(spec):
+        """DeepSpeed's dynamic loss scaling from 2^8: no step of the run overflows on its own (so the fixed-mask,
+        policy and fp32-tracking phases above are the same optimizer steps as fp32's), and the forced overflow is
+        skipped once. On it ZeRO 1-3's DynamicLossScaler spends one hysteresis count (scale kept); without ZeRO
+        DeepSpeed's FP16_UnfusedOptimizer has no hysteresis and halves the scale."""
+        r = results(spec)
+        assert r["skipped_steps_per_step"] == [0] * POLICY_START and r["skipped_steps_before_overflow"] == 0
+        assert r["loss_scale_per_step"] == [FP16_INITIAL_SCALE] * POLICY_START
+        o = r["overflow"]
+        assert o["loss_scale_before"] == FP16_INITIAL_SCALE
+        expected = FP16_INITIAL_SCALE / 2 if r["stage"] == 0 else FP16_INITIAL_SCALE
+        assert o["loss_scale_after"] == expected and o["next_loss_scale"] == expected, o
 
 
 @pytest.mark.parametrize("spec", [c for c in CELLS if ":own:" in c.values[0] and ":off" not in c.values[0]
@@ -205,8 +257,25 @@ def _errors() -> dict:
     return results("errors")
 
 
-@pytest.mark.parametrize("name", ["fp16_zero0", "fp16_zero1", "fp16_zero2", "offload_optimizer_zero2",
-                                  "offload_optimizer_zero3", "offload_param_zero3"])
+BRANCH = "fp16_supported" if FP16 else "fp16_unsupported"
+
+
+@pytest.mark.parametrize("group", [pytest.param(g, marks=[pytest.mark.slow] if g in SLOW else [], id=f"{g}-{BRANCH}")
+                                   for g in GROUPS])
+def test_ranks_answer_the_fp16_query_as_this_process(group):
+    """The branch this module generated its cells from is what every launched rank's accelerator says."""
+    results(GROUPS[group][0])
+    rows = _results[group]
+    for spec, r in rows.items():
+        assert r["fp16_supported_ranks"] == [FP16, FP16], (spec, r["fp16_supported_ranks"], FP16)
+    assert {r["prec"] for r in rows.values() if "prec" in r} == set(PRECS)
+
+
+FP16_CONFIGS = ["fp16_zero0", "fp16_zero1", "fp16_zero2"]
+OFFLOAD_CONFIGS = ["offload_optimizer_zero2", "offload_optimizer_zero3", "offload_param_zero3"]
+
+
+@pytest.mark.parametrize("name", OFFLOAD_CONFIGS + ([] if FP16 else FP16_CONFIGS))
 def test_unsupported_configs_are_one_line_config_errors(name):
     msg = _errors()["refused"][name]
     assert msg and "\n" not in msg and not msg.startswith(("NOT A ConfigError", "NOT REFUSED")), msg
@@ -214,6 +283,15 @@ def test_unsupported_configs_are_one_line_config_errors(name):
         assert "fp16 is not supported" in msg and "bf16" in msg
     else:
         assert name.rsplit("_", 1)[0] in msg and "policy 'full'" in msg
+
+
+if FP16:  # where fp16 is unsupported these configs are refused instead (the test above)
+    @pytest.mark.parametrize("name", FP16_CONFIGS)
+    def test_fp16_configs_are_accepted_where_the_accelerator_has_fp16(name):
+        errors = _errors()
+        assert errors["refused"][name] == "NOT REFUSED", errors["refused"][name]
+        acc = errors["fp16_accepted"][name]
+        assert acc["param_dtype"] == "torch.float16" and acc["stage"] == int(name[-1]), acc
 
 
 @pytest.mark.parametrize("name", ["full_offload_optimizer_zero2", "full_offload_param_optimizer_zero3"])

@@ -17,7 +17,10 @@
 
 Rank 0 prints one ``GPU_CHECK {json}`` line per check, then a table; ``--out`` also gets the rows as JSON lines. Exit
 status: 0 all passed, 1 a check failed, 2 no CUDA device (unless ``--allow_cpu``: a dry run of the same code on gloo
-ranks, fp16 cases skipped, used by the CPU tests).
+ranks, used by the CPU tests). fp16 cases run where DeepSpeed's accelerator reports fp16
+(``get_accelerator().is_fp16_supported()``, the query ``mat_ds.initialize`` makes: CUDA, and CPUs whose oneDNN has fp16,
+e.g. AVX512-FP16/AMX Xeons) and are skipped, saying so, where it does not; every row carries every rank's answer
+(``fp16_supported``).
 """
 from __future__ import annotations
 
@@ -54,6 +57,12 @@ def device() -> torch.device:
 
 def on_gpu() -> bool:
     return device().type == "cuda"
+
+
+def fp16_supported() -> bool:
+    """This rank's DeepSpeed answer, the query ``mat_ds.initialize`` makes (its CPU accelerator says None for no)."""
+    from deepspeed.accelerator import get_accelerator
+    return bool(get_accelerator().is_fp16_supported())
 
 
 def gather(obj) -> list:
@@ -351,7 +360,8 @@ def main() -> int:
     parser.add_argument("--bench_repeats", type=int, default=3)
     parser.add_argument("--lambda_rtol", type=float, default=2e-3)
     parser.add_argument("--out", default=None, help="Also write the rows here as JSON lines (rank 0).")
-    parser.add_argument("--allow_cpu", action="store_true", help="Dry run on CPU/gloo (fp16 cases are skipped).")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="Dry run on CPU/gloo (fp16 cases only where DeepSpeed's CPU accelerator reports fp16).")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSONL",
                         help="Only print the table of these result files and exit 0/1 (no process group).")
     args = parser.parse_args()
@@ -370,6 +380,8 @@ def main() -> int:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = dist.get_rank()
     rows: list[dict] = []
+    fp16_ranks = gather(fp16_supported())  # every rank's answer; fp16 runs only where all of them say yes
+    fp16_ok = all(fp16_ranks)
 
     def run(name: str, case: str, fn) -> None:
         t0 = time.perf_counter()
@@ -381,6 +393,7 @@ def main() -> int:
             out = {"check": name, "case": case, "ok": False, "detail": f"{type(exc).__name__}: {first}"[:200]}
         for row in out if isinstance(out, list) else [out]:
             row["seconds_total"] = round(time.perf_counter() - t0, 2)
+            row["fp16_supported"] = fp16_ranks
             rows.append(row)
             if rank == 0:
                 print("GPU_CHECK " + json.dumps(row), flush=True)
@@ -389,16 +402,18 @@ def main() -> int:
     for spec in [c for c in args.cases.split(",") if c.strip()]:
         family, stage, precision = spec.strip().split(":")
         case = f"{family}:z{stage}:{precision}"
-        if precision == "fp16" and not on_gpu():
-            row = {"check": "freeze", "case": case, "ok": False, "skipped": True,
-                   "detail": "skipped: DeepSpeed has no fp16 on CPU"}
+        if precision == "fp16" and not fp16_ok:
+            from deepspeed.accelerator import get_accelerator
+            row = {"check": "freeze", "case": case, "ok": False, "skipped": True, "fp16_supported": fp16_ranks,
+                   "detail": f"skipped: DeepSpeed's {get_accelerator().device_name()} accelerator reports no fp16 "
+                             f"here (ranks: {fp16_ranks})"}
             rows.append(row)
             if rank == 0:
                 print("GPU_CHECK " + json.dumps(row), flush=True)
             continue
         run("freeze", case, lambda: check_freeze(family, int(stage), precision, args.freeze_steps))
     if args.bench_size != "none":
-        precision = args.bench_precision if on_gpu() or args.bench_precision != "fp16" else "fp32"
+        precision = args.bench_precision if fp16_ok or args.bench_precision != "fp16" else "fp32"
         run("refresh", args.bench_size, lambda: check_refresh(args.bench_size, precision, args.bench_repeats,
                                                               args.lambda_rtol))
     failed = sum(1 for r in rows if not r["ok"] and not r.get("skipped"))

@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus 2 tests/scripts/precision_check.py --cases fp32:2:own:off,bf16:2:own:torch,...,errors
 
-A case is ``precision:stage:model:ac`` (precision fp32|bf16; stage 0-3; model ``own`` = mat_ds Transformer (BERT
+A case is ``precision:stage:model:ac`` (precision fp32|bf16|fp16 -- fp16 only where DeepSpeed's accelerator reports it,
+``tests/hardware.py``; stage 0-3; model ``own`` = mat_ds Transformer (BERT
 arch, 2 layers x 4 heads, d 32) or ``bert`` = HF BertForMaskedLM of the same size; ac ``off``, ``torch``
 (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` around each own Block), ``ds`` (DeepSpeed's
 ``deepspeed.checkpointing.checkpoint`` around each own Block, configured from the config's ``activation_checkpointing``
@@ -24,20 +25,26 @@ tests/scripts/family_check.py (its helpers are imported):
    step drop by the freezing module's formula at the gradient element size;
 2. (d) λmax per head from ``mntk.probe_units`` on the engine (checkpointing on) vs the same with checkpointing switched
    off (must be bit-identical) vs ``tests.oracles.explicit_head_grams`` on an fp32 unpartitioned copy made before
-   initialize and re-filled with the engine's weights (fp32: rel err < 1e-4; bf16: the error is reported against
-   the fp32 probe of the same, bf16-rounded, weights), at step 0 (the engine's own refresh) and after training;
-3. (e) the mean loss of every step of phases 0-1 is reported (the test compares bf16 with fp32 per step);
+   initialize and re-filled with the engine's weights (fp32: rel err < 1e-4; bf16/fp16: the error is reported against
+   the fp32 probe of the same, bf16/fp16-rounded, weights), at step 0 (the engine's own refresh) and after training;
+3. (e) the mean loss of every step of phases 0-1 is reported (the test compares bf16/fp16 with fp32 per step); fp16
+   runs DeepSpeed's dynamic loss scaling from a small scale (``FP16_BLOCK``: 2^8, window 100, hysteresis 2), so no
+   step of the tiny model overflows on its own: the skipped-step count and the loss scale are reported per step;
 4. (f) MAT's own policy (refresh_interval 2, warmup 0) for 6 steps with accumulation 2: a forward pre-hook records the
    frozen mask and the heads' requires_grad at every micro-step and every refresh is recorded with its micro-step:
    refreshes only at micro-step 0, the mask constant within each optimizer step;
 5. overflow: one optimizer step whose first micro-batch loss is multiplied by inf. ZeRO 1-3 detect the invalid
-   gradient norm and skip the step (fp32 and bf16, DeepSpeed's ``check_grad_overflow``): ``engine.skipped_steps``
-   +1, every head's weights, fp32 master and Adam state (and Adam's ``step``) unchanged, while ``global_steps`` (MAT's
-   refresh clock) still advances by 1 (DeepSpeed's semantics); then one normal step. Under ZeRO-0 only for bf16
-   (DeepSpeed's FP16_UnfusedOptimizer checks the norm); fp32 ZeRO-0 steps torch AdamW directly, with no overflow check.
+   gradient norm and skip the step (fp32, bf16 and fp16, DeepSpeed's ``check_grad_overflow`` / the fp16 loss scaler's
+   overflow check): ``engine.skipped_steps`` +1, every head's weights, fp32 master and Adam state (and Adam's
+   ``step``) unchanged, while ``global_steps`` still advances by 1 (DeepSpeed's semantics; MAT's clock,
+   global_steps - skipped_steps, does not); then one normal step. Under ZeRO-0 only for bf16/fp16 (DeepSpeed's
+   FP16_UnfusedOptimizer checks the norm); fp32 ZeRO-0 steps torch AdamW directly, with no overflow check.
 
-The case ``errors`` checks one-line ConfigErrors from ``mat_ds.initialize``: fp16 on
-this (CPU) accelerator, ZeRO-Offload (offload_optimizer at stage 2 and 3, offload_param at stage 3) with freezing; and
+Every row carries ``fp16_supported_ranks``: ``get_accelerator().is_fp16_supported()`` asked on every rank (the same
+query as ``mat_ds.initialize``'s), which the test compares with its own answer. The case ``errors`` checks one-line
+ConfigErrors from ``mat_ds.initialize``: fp16 where the accelerator reports no fp16 (where it does, the same fp16
+configs must be ACCEPTED, i.e. build an fp16 engine), ZeRO-Offload (offload_optimizer at stage 2 and 3, offload_param at
+stage 3) with freezing; and
 that policy "full" with ZeRO-Offload trains (DeepSpeed's CPUAdam when its op loads without a JIT build, else torch
 AdamW; see ``cpu_adam_status``), while freezing is refused by the freezer in one line. Rank 0 prints one ``PRECISION_CHECK {json}`` line per case.
 """
@@ -65,6 +72,7 @@ from mat_ds.core.mntk import lambda_max, probe_units
 from mat_ds.core.units import find_units
 from mat_ds.distributed import exit_process
 from mat_ds.models.transformer import Block
+from tests.hardware import fp16_supported
 from tests.oracles import explicit_head_grams
 from tests.scripts import family_check as fc
 from tests.scripts.family_check import (ACCUM, MICRO, N_PROBE, all_max, build_model, full_numel, gather,
@@ -73,6 +81,12 @@ from tests.scripts.family_check import (ACCUM, MICRO, N_PROBE, all_max, build_mo
 FROZEN_HEADS = [1, fc.H]  # unit 1 of layer 0, unit 0 of layer 1
 FULL_STEPS, FROZEN_STEPS, POLICY_STEPS, POLICY_INTERVAL = 2, 6, 6, 2
 AC_KINDS = ("off", "torch", "ds", "hf")
+# DeepSpeed's dynamic loss scaling from 2^8 (a scale as large as its default 2^16 risks overflowing, i.e. skipping, the
+# first steps of a tiny model, as scripts/gpu_check.py notes), raised only after 100 clean steps (a cell runs 16),
+# hysteresis 2: under ZeRO 1-3 the one forced overflow of phase 5 is skipped without halving the scale (without ZeRO,
+# FP16_UnfusedOptimizer has no hysteresis and halves it). Every cell's only skip is thus the forced one (asserted).
+FP16_BLOCK = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 100, "hysteresis": 2,
+              "min_loss_scale": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -135,6 +149,8 @@ def cell_config(prec: str, stage: int, ac: str) -> dict:
     cfg["mat"]["warmup_steps"] = 10**6  # the step-0 refresh measures λ but freezes nothing
     if prec == "bf16":
         cfg["bf16"] = {"enabled": True}
+    elif prec == "fp16":
+        cfg["fp16"] = dict(FP16_BLOCK)
     if ac == "ds":
         cfg["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
                                            "cpu_checkpointing": False, "synchronize_checkpoint_boundary": False,
@@ -146,7 +162,7 @@ def opt_fragments(engine, stage: int, params) -> dict:
     """(param index, what) -> this rank's fp32 master / exp_avg / exp_avg_sq fragment. family_check's reader, plus
     DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1: ``bf16_groups`` / ``fp32_groups_flat_partition``)."""
     opt = engine.optimizer
-    if stage == 0 and opt is not engine.basic_optimizer:  # bf16 without ZeRO: FP16_UnfusedOptimizer's fp32 copies
+    if stage == 0 and opt is not engine.basic_optimizer:  # bf16/fp16 without ZeRO: FP16_UnfusedOptimizer's fp32 copies
         index = {id(q): (i, j) for i, g in enumerate(opt.fp16_groups) for j, q in enumerate(g)}
         out = {}
         for k, p in enumerate(params):
@@ -191,6 +207,15 @@ def adam_step(engine) -> float | None:
 def maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| (0 for empty tensors: a ZeRO-3 rank may hold nothing of a small parameter)."""
     return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def loss_scale(engine) -> float | None:
+    """The current (dynamic) loss scale of DeepSpeed's optimizer wrapper (1.0 without fp16; None if it has none)."""
+    for name in ("cur_scale", "loss_scale"):  # ZeRO 1-3 / FP16_UnfusedOptimizer
+        value = getattr(engine.optimizer, name, None)
+        if isinstance(value, (int, float)) or torch.is_tensor(value):
+            return float(value)
+    return None
 
 
 def one_line(exc: BaseException) -> str:
@@ -269,7 +294,8 @@ class Cell:
         after = comm_bytes_snapshot()
         mean = torch.tensor([total / ACCUM], dtype=torch.float64)
         dist.all_reduce(mean)
-        return {"loss": float(mean) / self.world,
+        return {"loss": float(mean) / self.world, "skipped_steps": int(self.engine.skipped_steps),
+                "loss_scale": loss_scale(self.engine),
                 "grad_bytes": sum(after[k] - before.get(k, 0) for k in after if k in GRADIENT_OPS),
                 "forwards": Trace.forwards, "backwards": list(Trace.backwards), "frozen_grads_none": grads_none}
 
@@ -378,6 +404,8 @@ class Cell:
         self.compare(grams_ac, "trained", res)
         # 3. (e) losses of the fixed-mask phases
         res["losses"] = [s["loss"] for s in steps]
+        res["skipped_steps_per_step"] = [s["skipped_steps"] for s in steps]  # cumulative, after each step
+        res["loss_scale_per_step"] = [s["loss_scale"] for s in steps]
 
         # 4. (f) MAT's own policy with refreshes under gradient accumulation
         self.mat.cfg.refresh_interval, self.mat.cfg.warmup_steps = POLICY_INTERVAL, 0
@@ -392,10 +420,11 @@ class Cell:
         res["policy_hook_log"] = list(self.hook_log)
         res["policy_refresh_log"] = list(self.refresh_log)
         res["policy_frozen_drift"] = policy_drift
+        res["skipped_steps_before_overflow"] = int(self.engine.skipped_steps)
         self.mat.cfg.refresh_interval = 10**6
 
-        # 5. overflow -> skipped step (ZeRO 1-3, and bf16 without ZeRO: FP16_UnfusedOptimizer checks the norm too)
-        if self.stage > 0 or self.prec == "bf16":
+        # 5. overflow -> skipped step (ZeRO 1-3, and bf16/fp16 without ZeRO: FP16_UnfusedOptimizer checks it too)
+        if self.stage > 0 or self.prec != "fp32":
             res["overflow"] = self.overflow_step(n_heads)
         res["seconds"] = time.perf_counter() - t0
         return res
@@ -408,6 +437,7 @@ class Cell:
         s0 = opt_fragments(self.engine, self.stage, params)
         skipped0, global0, adam0 = self.engine.skipped_steps, int(self.engine.global_steps), adam_step(self.engine)
         mat_step0 = self.mat.step
+        scale0 = loss_scale(self.engine)
         refreshes0 = len(self.refresh_log)
         step = self.train_step(frozen_params, inf_first=True)
         out = {"skipped_steps_delta": self.engine.skipped_steps - skipped0,
@@ -415,6 +445,7 @@ class Cell:
                "mat_step_delta": self.mat.step - mat_step0,
                "adam_step_before": adam0, "adam_step_after": adam_step(self.engine),
                "refreshed": len(self.refresh_log) > refreshes0,
+               "loss_scale_before": scale0, "loss_scale_after": loss_scale(self.engine),
                "loss_finite_before_inf": math.isfinite(step["loss"]),
                "frozen_heads": int(frozen.sum())}
         w_drift = max(maxabs(a, local(p)) for a, p in zip(w0, params))
@@ -430,6 +461,7 @@ class Cell:
         out["next_step_moved"] = moved[0]
         out["next_step_frozen_change"] = self.mat.frozen_change(snap)
         out["next_skipped_steps_delta"] = self.engine.skipped_steps - skipped0
+        out["next_loss_scale"] = loss_scale(self.engine)
         return out
 
 
@@ -492,10 +524,16 @@ def errors_case() -> dict:
         "offload_optimizer_zero3": offload(3, offload_optimizer={"device": "cpu"}),
         "offload_param_zero3": offload(3, offload_param={"device": "cpu"}),
     }
+    accepted = {}  # fp16 where the accelerator has it: the same configs must build an fp16 engine
     for name, cfg in cases.items():
         engine, msg = try_init(cfg)
         refused[name] = msg if engine is None else "NOT REFUSED"
-    res: dict = {"case": "errors", "refused": refused}
+        if engine is not None and name.startswith("fp16"):
+            accepted[name] = {"param_dtype": str(next(engine.module.parameters()).dtype),
+                              "stage": int(engine.zero_optimization_stage()),
+                              "optimizer": type(engine.optimizer).__name__}
+        del engine
+    res: dict = {"case": "errors", "refused": refused, "fp16_accepted": accepted}
 
     # policy "full" with ZeRO-Offload: runs (DeepSpeed's CPUAdam if its op builds/loads here, else torch AdamW)
     res["cpu_adam"] = cpu_adam_status()
@@ -557,6 +595,7 @@ def main() -> None:
             res = cell.run()
             del cell
         res["spec"] = spec
+        res["fp16_supported_ranks"] = gather(fp16_supported())  # the same query as mat_ds.initialize's, per rank
         if rank == 0:
             print("PRECISION_CHECK " + json.dumps(res), flush=True)
         dist.barrier()
