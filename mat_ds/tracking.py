@@ -55,17 +55,20 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(row)
 
-    def log_heads(self, step: int, lam: torch.Tensor, frozen: torch.Tensor) -> None:
-        """Per-head λmax as a W&B table and a layer × head heatmap (Figure 3 of the paper, one column per refresh)."""
+    def log_heads(self, step: int, lam: torch.Tensor, frozen: torch.Tensor, kind: str = "heads") -> None:
+        """Per-unit λmax as a W&B table and a layer × unit heatmap (Figure 3 of the paper, one column per refresh):
+        ``mat/lambda_table``/``mat/lambda_heatmap`` for heads, ``mat/mlp_lambda_*`` for MLP units."""
         if not self.enabled or self.wandb is None:
             return
         import wandb
 
         L, H = lam.shape
-        table = wandb.Table(columns=["step", "layer", "head", "lambda_max", "frozen"],
+        unit = "head" if kind == "heads" else "group"
+        prefix = "mat/lambda_" if kind == "heads" else "mat/mlp_lambda_"
+        table = wandb.Table(columns=["step", "layer", unit, "lambda_max", "frozen"],
                             data=[[step, l, h, float(lam[l, h]), bool(frozen[l, h])] for l in range(L) for h in range(H)])
-        self.wandb.log({"trainer/step": step, "mat/lambda_table": table,
-                        "mat/lambda_heatmap": wandb.Image(_heatmap(lam, frozen, step))})
+        self.wandb.log({"trainer/step": step, prefix + "table": table,
+                        prefix + "heatmap": wandb.Image(_heatmap(lam, frozen, step, unit))})
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -73,7 +76,7 @@ class Tracker:
             self.wandb = None
 
 
-def _heatmap(lam: torch.Tensor, frozen: torch.Tensor, step: int):
+def _heatmap(lam: torch.Tensor, frozen: torch.Tensor, step: int, unit: str = "head"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +86,7 @@ def _heatmap(lam: torch.Tensor, frozen: torch.Tensor, step: int):
     im = ax.imshow(lam.numpy(), cmap="viridis", aspect="auto")
     for l, h in frozen.nonzero().tolist():
         ax.text(h, l, "×", ha="center", va="center", color="white")
-    ax.set_xlabel("head")
+    ax.set_xlabel(unit)
     ax.set_ylabel("layer")
     ax.set_title(f"λmax at step {step} (× = frozen)")
     fig.colorbar(im, ax=ax)

@@ -295,8 +295,9 @@ class Trainer:
             self.tracker.log(p.step, metrics)
             self._log_heatmap(step, metrics)
             if self.is_main and (p.step % run.log_interval == 0 or p.step == run.train_steps):
-                print(f"[mat_ds] step {p.step:5d} loss {train_loss:.4f} active {metrics['mat/active_fraction']:.2f} "
-                      f"{metrics['perf/tokens_per_second']:.0f} tok/s"
+                mlp = f" mlp {metrics['mat/active_mlp_fraction']:.2f}" if "mat/active_mlp_fraction" in metrics else ""
+                print(f"[mat_ds] step {p.step:5d} loss {train_loss:.4f} active {metrics['mat/active_fraction']:.2f}"
+                      f"{mlp} {metrics['perf/tokens_per_second']:.0f} tok/s"
                       + (f" val {last_val:.4f}" if "val/loss" in metrics else ""), flush=True)
             if (run.save_interval and p.step % run.save_interval == 0) or last_step:
                 best = checkpoint.tag_for(p.best_step) if p.best_step else None  # retention keeps it
@@ -326,9 +327,12 @@ class Trainer:
         p = self.progress
         n_skipped = int(self.mat.skipped.sum()) if self.mat and self.mat.layer_path is not None else 0
         H = self.mat.units.heads_per_layer if self.mat else 0  # units per layer (a KV group counts as one)
-        frozen_heads = frozen_experts = 0
+        frozen_heads = frozen_experts = frozen_mlp = 0
         frozen_expert_tokens = 0
+        mlp_groups = self.mat_cfg.mlp_groups
         if self.mat:
+            if self.mat.units.mlp:  # like heads: skipped layers' MLP units are in n_skipped already
+                frozen_mlp = int(self.mat.frozen_mask("mlp").sum()) - n_skipped * mlp_groups
             # frozen_mask("heads") counts skipped layers' heads too; their saving is in n_skipped already.
             frozen_heads = int(self.mat.frozen_mask("heads").sum()) - n_skipped * H
             frozen_heads *= self.flops.cfg.n_head // max(H, 1)  # in heads (a KV group holds several query heads)
@@ -337,8 +341,10 @@ class Trainer:
                 frozen_experts = int(frozen.sum())
                 frozen_expert_tokens = int(tokens_routed[frozen].sum())
             if "mat/refresh_seconds" in metrics and self.mat.probe is not None:
-                p.probe_flops += self.flops.probe_total(self.mat_cfg.probe_samples, self.world)
-        p.flops += self.flops.train_step(self.tokens_per_step, frozen_heads, n_skipped, frozen_expert_tokens)
+                p.probe_flops += self.flops.probe_total(self.mat_cfg.probe_samples, self.world,
+                                                        mlp="mlp" in self.mat_cfg.modules and bool(self.mat.units.mlp))
+        p.flops += self.flops.train_step(self.tokens_per_step, frozen_heads, n_skipped, frozen_expert_tokens,
+                                         frozen_mlp, mlp_groups)
         if self.n_experts:
             metrics["mat/frozen_experts"] = frozen_experts
 
@@ -349,6 +355,11 @@ class Trainer:
         L, H = len(self.mat.units.attention_layers), self.mat.units.heads_per_layer
         lam = torch.tensor([metrics[f"mat/lambda_max/{u.name}"] for u in self.mat.units.heads]).view(L, H)
         self.tracker.log_heads(step, lam, self.mat.frozen_mask("heads").view(L, H))
+        mlp = self.mat.units.mlp
+        if mlp and f"mat/mlp_lambda_max/{mlp[0].name}" in metrics:
+            L = len(self.mat.units.mlp_layers)
+            lam = torch.tensor([metrics[f"mat/mlp_lambda_max/{u.name}"] for u in mlp]).view(L, -1)
+            self.tracker.log_heads(step, lam, self.mat.frozen_mask("mlp").view(L, -1), kind="mlp")
 
     def _track_best(self, loss: float) -> None:
         """Early stopping's bookkeeping: the test loss when there is test data (the paper's "best test loss" regime:

@@ -80,6 +80,35 @@ def test_mat_zero2_two_ranks_acceptance(tmp_path):
     assert "error" not in proc.stdout.lower().replace("error_", "")
 
 
+def test_mlp_units_two_ranks(tmp_path):
+    """"modules": ["heads", "mlp"]: MLP units are measured (λ per L{l}G{g}), frozen by their own threshold, stay
+    exactly unchanged while frozen, and every step's FLOPs charge exactly the frozen heads and MLP units."""
+    cfg = write_config(tmp_path, warmup_steps=10, refresh_interval=5, alpha=0.3, beta=0.0, modules=["heads", "mlp"],
+                       mlp_groups=4, log_heatmap_interval=10)
+    train(tmp_path, cfg, "mlp", "--train_steps", "30", "--eval_interval", "0", "--verify_frozen")
+    rows = metrics(tmp_path, "mlp")
+    refresh = [r for r in rows if "mat/mlp_lambda_max/L0G0" in r]
+    assert [r["trainer/step"] - 1 for r in refresh] == [0, 5, 10, 15, 20, 25]
+    names = {k.rpartition("/")[2] for r in refresh for k in r if k.startswith("mat/mlp_lambda_max/")}
+    assert names == {f"L{l}G{g}" for l in range(3) for g in range(4)}  # FAST: 3 layers, 4 groups each
+    frac = [r["mat/active_mlp_fraction"] for r in rows]
+    assert all(f == 1.0 for f in frac[:10]) and min(frac[10:]) < 1.0
+    assert all(r["mat/frozen_max_abs_change"] == 0.0 for r in rows if r["mat/active_mlp_fraction"] < 1.0)
+    # FLOPs: the cumulative training FLOPs grow by exactly FlopsModel's step cost for the logged frozen counts
+    from mat_ds.config import ModelConfig
+    from mat_ds.models.flops import FlopsModel
+
+    f = FlopsModel.for_run(ModelConfig(n_layer=3, n_head=4, d_model=64), 1024, 64, 0.15)
+    tokens = 8 * 2 * 64
+    prev = 0.0
+    for r in rows:
+        heads = 12 - round(r["mat/active_fraction"] * 12)
+        mlp = 12 - r["mat/active_mlp"]
+        assert r["perf/train_flops_cumulative"] - prev == f.train_step(tokens, heads, 0, 0, mlp, 4), r["trainer/step"]
+        prev = r["perf/train_flops_cumulative"]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
 def test_gpt_two_ranks(tmp_path):
     cfg = write_config(tmp_path, warmup_steps=10, refresh_interval=5, alpha=0.3)
     train(tmp_path, cfg, "gpt", "--arch", "gpt", "--train_steps", "20", "--eval_interval", "0")
@@ -201,9 +230,10 @@ def test_zero_stages_agree_on_lambda_and_frozen_sets(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["dense", "switch_ep2"])
+@pytest.mark.parametrize("variant", ["dense", "switch_ep2", "mlp"])
 def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, variant):
-    cfg = write_config(tmp_path, warmup_steps=10, refresh_interval=5, alpha=0.3)
+    mlp = dict(modules=["heads", "mlp"], mlp_groups=2) if variant == "mlp" else {}
+    cfg = write_config(tmp_path, warmup_steps=10, refresh_interval=5, alpha=0.3, **mlp)
     if variant == "switch_ep2":  # Switch MoE, experts split over the 2 ranks: expert checkpoints + expert policy state
         ds = json.loads(Path(cfg).read_text())
         ds["model"] = json.loads((REPO / "configs" / "switch_mat_ep2.json").read_text())["model"]
@@ -239,6 +269,10 @@ def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, varian
         assert [rows[s]["mat/active_experts"] for s in range(1, 41)] == \
             [reference[s]["mat/active_experts"] for s in range(1, 41)]
         assert min(rows[s]["mat/active_experts"] for s in range(1, 41)) < 4
+    if variant == "mlp":  # the MLP kind's policy state rides the checkpoint too
+        assert [rows[s]["mat/active_mlp"] for s in range(1, 41)] == \
+            [reference[s]["mat/active_mlp"] for s in range(1, 41)]
+        assert min(rows[s]["mat/active_mlp"] for s in range(1, 41)) < 6
 
 
 def test_patience_stops_when_the_test_loss_stops_improving(tmp_path):

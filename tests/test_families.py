@@ -4,7 +4,8 @@ For every (family, ZeRO stage[, ep_size]): λmax and Gram per unit (heads; exper
 per-sample Jacobian (at init, in the engine's own step-0 refresh, after training); a fixed frozen set keeps its
 weights AND its fp32-master / Adam fragments bit-identical on every rank while everything else moves; gradient bytes
 per step drop by exactly the freezing module's formula; the loss falls under MAT's own policy; MoE + ZeRO-3 is refused
-in one line.
+in one line. ``family+mlp`` cases select MLP units too (``"modules": ["heads", "mlp"]``, 2 groups per layer): the same
+checks hold for them, a frozen MLP unit's weights and optimizer state included.
 
 Each launch runs several cases in ONE process pair (starting the launcher and two ranks costs ~30-60 s on a loaded
 2-core machine; a case ~2-15 s). Default suite: one launch, ZeRO-2 for every family (Switch with ep_size 1). Slow
@@ -18,18 +19,22 @@ from tests.launcher import REPO, launch_cases
 
 SCRIPT = REPO / "tests" / "scripts" / "family_check.py"
 DENSE = ("own", "bert", "gpt2", "llama")
+FUSED = ("neox", "phi3")  # fused QKV layouts (GPT-NeoX per-head interleaved, Phi-3 blocked with GQA)
 GROUPS = {
-    "zero2": ["own:2", "bert:2", "gpt2:2", "llama:2", "switch:2:1"],
-    "zero3": [f"{f}:3" for f in DENSE],
+    "zero2": ["own:2", "bert:2", "gpt2:2", "llama:2", "switch:2:1", "neox:2", "phi3:2"],
+    "mlp_zero2": [f"{f}+mlp:2" for f in DENSE],
+    "zero3": [f"{f}:3" for f in DENSE + FUSED],
+    "mlp_zero3": [f"{f}+mlp:3" for f in DENSE],
     "ep2_zero0": ["switch:2:2"] + [f"{f}:0" for f in DENSE],
 }
-SLOW = {"zero3", "ep2_zero0"}
+SLOW = {"zero3", "ep2_zero0", "mlp_zero3"}
 TOL = 1e-4
 _results: dict[str, dict[str, dict]] = {}
 
 
 def _key(r: dict) -> str:
-    return f"{r['family']}:{r['stage']}" + (f":{r['ep_size']}" if r["family"] == "switch" else "")
+    return f"{r['family']}{'+mlp' if r.get('mlp_case') else ''}:{r['stage']}" \
+        + (f":{r['ep_size']}" if r["family"] == "switch" else "")
 
 
 _failed: dict[str, str] = {}  # group -> why its launch failed: reported by every test of the group, launched ONCE
@@ -40,7 +45,7 @@ def results(spec: str) -> dict:
     if group in _failed:
         raise AssertionError(_failed[group])
     if group not in _results:
-        if any(s.split(":")[0] in ("bert", "gpt2", "llama") for s in GROUPS[group]):
+        if any(s.split(":")[0].partition("+")[0] not in ("own", "switch") for s in GROUPS[group]):
             pytest.importorskip("transformers")
         try:
             rows = launch_cases(SCRIPT, GROUPS[group], "FAMILY_CHECK", _key, timeout=600)
@@ -57,7 +62,8 @@ def _print_row(r: dict) -> None:
     g = r["grad_bytes_per_rank"][0]
     lam = max(v for k, v in r.items() if k.endswith("_lam_rel_err_heads"))
     lam_e = max([v for k, v in r.items() if k.endswith("_lam_rel_err_experts")] or [float("nan")])
-    print(f"{_key(r):12s} lam_rel_err heads {lam:.1e} experts {lam_e:.1e} | frozen dW {r['frozen_weight_drift']} "
+    lam_m = max([v for k, v in r.items() if k.endswith("_lam_rel_err_mlp")] or [float("nan")])
+    print(f"{_key(r):12s} lam_rel_err heads {lam:.1e} experts {lam_e:.1e} mlp {lam_m:.1e} | frozen dW {r['frozen_weight_drift']} "
           f"state {max(r['frozen_state_drift'].values())} | grad B/step {g['full'][-1]} -> {g['frozen'][-1]} "
           f"(drop {g['drop']} / expected {g['expected_drop']}) | loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
           f"| {r['seconds']:.1f}s")
@@ -72,7 +78,8 @@ def test_lambda_max_matches_explicit_jacobian(spec):
     r = results(spec)
     assert r["engine_refresh_at_step0"], "the engine's forward hook did not refresh at step 0"
     prefixes = ["init", "engine_step0", "trained"] + (["trained_heads_only"] if r["experts"] else [])
-    kinds = ["heads"] + (["experts"] if r["experts"] else [])
+    kinds = ["heads"] + (["experts"] if r["experts"] else []) + (["mlp"] if r["mlp"] else [])
+    assert r["mlp_case"] == (r["mlp"] > 0)  # a +mlp case has MLP units, a plain one none
     for prefix in prefixes:
         for kind in kinds:
             if prefix == "trained_heads_only" and kind == "experts":
@@ -85,7 +92,8 @@ def test_lambda_max_matches_explicit_jacobian(spec):
 def test_frozen_units_weights_and_optimizer_state_bit_identical(spec):
     r = results(spec)
     assert r["requires_grad_off"]
-    assert r["frozen_units"] and len(r["frozen_units"]) == (4 if r["experts"] else 2)
+    assert r["frozen_units"] and len(r["frozen_units"]) == 2 + 2 * bool(r["experts"]) + 2 * bool(r["mlp"])
+    assert sum("G" in name for name in r["frozen_units"]) == (2 if r["mlp"] else 0)  # L{l}G{g}: MLP units
     assert r["frozen_weight_drift"] == 0.0
     assert r["frozen_state_drift"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
     assert r["frozen_change_api"] == 0.0  # engine.mat.frozen_change agrees

@@ -9,6 +9,13 @@ tested per family). Each family module exports ``matches(model)``, ``convert(mod
 * ``hf_bert``: BERT-style separate Q/K/V/O ``nn.Linear`` with biases.
 * ``hf_gpt2``: GPT-2 ``Conv1D`` ``c_attn`` (blocked [Q|K|V]) + ``c_proj``.
 * ``hf_llama``: LLaMA/Mistral-style ``q/k/v/o_proj`` with grouped KV heads (unit = KV group).
+* ``hf_neox``: GPT-NeoX/Pythia fused ``query_key_value`` (per head [q|k|v], unit = head) + ``dense``.
+* ``hf_phi3``: Phi-3 fused ``qkv_proj`` (blocked [Q|K|V], grouped KV heads, unit = KV group) + ``o_proj``.
+
+MLP blocks (``convert_model(model, mlp_groups=G)``, which ``mat_ds.initialize`` passes when ``"mlp"`` is in
+``mat.modules``): the attention family's ``convert_mlp(model, G)`` turns each dense MLP into head-wise linears of
+kind "mlp" (``mlp.py``). A family without it, or a model without dense MLPs, converts none (``initialize`` then
+stops with a one-line error).
 
 Converted IN ADDITION to the (first matching) attention family above:
 
@@ -30,7 +37,7 @@ from ..core.config import ConfigError, MATConfig
 from ..core.headwise import HeadwiseLinear, headwise_layers, swap_in
 from ..core.probe import hf_probe_fn
 
-FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama")
+FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama", "hf_neox", "hf_phi3")  # disjoint matches: order is free
 ADDITIONAL = ("hf_moe",)  # converted whatever attention family matched (MoE experts)
 
 
@@ -72,8 +79,9 @@ class Conversion:
         return None
 
 
-def convert_model(model: nn.Module) -> Conversion:
-    """Convert ``model`` in place (idempotent). See the module docstring."""
+def convert_model(model: nn.Module, mlp_groups: Optional[int] = None) -> Conversion:
+    """Convert ``model`` in place (idempotent). ``mlp_groups``: also convert its dense MLP blocks, with that many MAT
+    units per layer (None: MLPs stay as they are). See the module docstring."""
     before = {name: p for name, p in model.named_parameters()}
     family = None
     for name in FAMILIES + ADDITIONAL:
@@ -87,6 +95,8 @@ def convert_model(model: nn.Module) -> Conversion:
             raise
         if module.matches(model):
             module.convert(model)
+            if mlp_groups is not None and hasattr(module, "convert_mlp"):
+                module.convert_mlp(model, mlp_groups)
             family = family or name
     after = dict(model.named_parameters())
     return Conversion(family, _replacements(before, after))
@@ -111,11 +121,17 @@ def _replacements(before: dict, after: dict) -> dict:
     return out
 
 
-def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: list[str], n_units: int) -> None:
+def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: list[str], n_units: int,
+                  kind: str = "heads") -> None:
     """Mark one transformer layer of YOUR model for MAT: convert its attention projections (``nn.Linear`` submodules
     named by their qualified names) in place. ``out_proj``: projections whose OUTPUT channels belong to units (Q, K, V;
     unit u = channels [u·k, (u+1)·k)); ``in_proj``: projections whose INPUT channels do (the output projection).
-    ``n_units``: heads (or KV groups) of the layer. Call it for every layer before ``mat_ds.initialize``."""
+    ``n_units``: heads (or KV groups) of the layer. Call it for every layer before ``mat_ds.initialize``.
+
+    ``kind="mlp"`` marks an MLP block instead: ``out_proj`` its up (and gate) projections, ``in_proj`` its down
+    projection, ``n_units`` groups of its hidden channels (select them with ``"modules": ["heads", "mlp"]``)."""
+    if kind not in ("heads", "mlp"):
+        raise ConfigError(f"make_headwise: kind={kind!r} is not one of 'heads', 'mlp'")
     for names, split in ((out_proj, "out"), (in_proj, "in")):
         for qual in names:
             parent_name, _, attr = qual.rpartition(".")
@@ -129,7 +145,8 @@ def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: li
             if not isinstance(lin, nn.Linear):
                 raise ConfigError(f"make_headwise: {qual} is a {type(lin).__name__}, expected nn.Linear")
             try:
-                swap_in(parent, attr, lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer))
+                swap_in(parent, attr,
+                        lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer, kind=kind))
             except ValueError as exc:
                 raise ConfigError(f"make_headwise: {qual}: {exc}") from None
 

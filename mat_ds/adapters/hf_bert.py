@@ -13,6 +13,10 @@ All four are called as ``self.query(x)`` etc.; no forward path reads ``.weight``
 is enough. Decoder configs with ``add_cross_attention`` also have ``crossattention`` (``BertCrossAttention``, its keys
 and values come from the encoder): it is NOT converted, MAT units are self-attention heads only.
 
+MLP units (``convert_mlp``, ``"mlp"`` in ``mat.modules``): the ``BertLayer`` that holds an attention block has
+``intermediate.dense`` (``nn.Linear(d, F)`` + bias, then the activation: split "out") and ``output.dense``
+(``nn.Linear(F, d)``, then dropout, residual and LayerNorm: split "in", shared bias).
+
 Attention modules are found structurally (an object with ``.self.{query,key,value}`` and ``.output.dense`` that is not
 cross-attention), so the same adapter applies to copies of this layout. Verified (function and gradients) on
 ``BertForMaskedLM``, ``BertLMHeadModel`` and ``RobertaForMaskedLM``; ELECTRA/XLM-R use the identical classes
@@ -25,6 +29,8 @@ from typing import Iterator, Optional
 from torch import nn
 
 from mat_ds.core.headwise import HeadwiseLinear, swap_in
+
+from .mlp import convert_projections, layer_of
 
 QKV = ("query", "key", "value")
 
@@ -73,6 +79,27 @@ def convert(model: nn.Module) -> int:
         changed = [_swap(attn.self, p, H, "out", layer) for p in QKV]
         changed.append(_swap(attn.output, "dense", H, "in", layer))
         converted += any(changed)
+    return converted
+
+
+def _mlp_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``BertLayer``-like modules: ``intermediate.dense`` and ``output.dense`` linears next to an ``attention``."""
+    for name, m in model.named_modules():
+        inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+        if isinstance(getattr(m, "attention", None), nn.Module) and _is_proj(getattr(inter, "dense", None)) \
+                and _is_proj(getattr(out, "dense", None)):
+            yield name, m
+
+
+def convert_mlp(model: nn.Module, groups: int) -> int:
+    """Every layer's feed-forward block -> head-wise linears of kind "mlp" with ``groups`` units, tagged with the
+    layer of the attention block beside it. Returns the number of blocks converted now."""
+    attention = [name for name, _ in _attention_modules(model)]
+    converted = 0
+    for name, block in _mlp_blocks(model):
+        layer = layer_of(name + ".intermediate", attention)
+        converted += convert_projections([(block.intermediate, "dense", "out"), (block.output, "dense", "in")],
+                                         groups, layer, where=f"{name}.intermediate/output.")
     return converted
 
 

@@ -10,6 +10,9 @@ Layout in transformers 5.x (``models/gpt2/modeling_gpt2.py``), per block ``trans
 
 Because both are one module each, a GPT-2 layer has exactly two head-wise linears whose unit h is head h.
 
+MLP units (``convert_mlp``): ``mlp.c_fc`` (``Conv1D(F, d)``, split "out") and ``mlp.c_proj`` (``Conv1D(d, F)``,
+split "in", shared bias) of every block.
+
 Checked in 5.x: the forward path only calls ``self.c_attn(x)`` / ``self.c_proj(x)`` (eager, SDPA and the
 ``reorder_and_upcast_attn`` path alike), so swapping the submodules is enough. The ONLY direct ``.weight`` access is
 ``GPT2PreTrainedModel._init_weights`` (``module.c_proj.weight`` for ``GPT2Attention``, the scaled residual init): it
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 from mat_ds.core.headwise import HeadwiseLinear, swap_in
+
+from .mlp import convert_projections, layer_of
 
 
 def _is_conv1d(m) -> bool:
@@ -85,6 +90,25 @@ def convert(model: nn.Module) -> int:
         changed = (_swap(attn, "c_attn", H, "out", qkv_layout(d, H), layer),
                    _swap(attn, "c_proj", H, "in", None, layer))
         converted += any(changed)
+    return converted
+
+
+def _mlp_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``GPT2MLP``-like modules: ``c_fc`` and ``c_proj`` Conv1D (or converted) and no ``c_attn``."""
+    for name, m in model.named_modules():
+        fc, proj = getattr(m, "c_fc", None), getattr(m, "c_proj", None)
+        if getattr(m, "c_attn", None) is None and all(_is_conv1d(p) or isinstance(p, HeadwiseLinear)
+                                                      for p in (fc, proj)):
+            yield name, m
+
+
+def convert_mlp(model: nn.Module, groups: int) -> int:
+    """Every block's ``mlp.c_fc`` / ``mlp.c_proj`` -> head-wise linears of kind "mlp" (``groups`` units)."""
+    attention = [name for name, _ in _attention_modules(model)]
+    converted = 0
+    for name, mlp in _mlp_blocks(model):
+        converted += convert_projections([(mlp, "c_fc", "out"), (mlp, "c_proj", "in")], groups,
+                                         layer_of(name, attention), conv1d=True, where=f"{name}.")
     return converted
 
 

@@ -18,6 +18,11 @@ query heads: freezing one query head alone would leave a shared K/V head half "f
 would change what all r query heads see while they still train. The group is the smallest set of attention
 parameters closed under that sharing. With H_kv = H (plain multi-head attention) r = 1 and a unit is one head.
 
+MLP units (``convert_mlp``): the gated MLP's ``gate_proj`` and ``up_proj`` (``nn.Linear(d, F)``, split "out", the
+same channels: act(gate)·up is element-wise) and ``down_proj`` (``nn.Linear(F, d)``, split "in"), found
+structurally in every decoder layer (LLaMA, Mistral, Qwen2/Qwen3, Gemma2 name them alike; a Qwen2-MoE layer's
+``shared_expert`` is such an MLP too, its routed experts are the ``hf_moe`` adapter's).
+
 Attention modules are found structurally (``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears plus ``head_dim``);
 head counts come from the attention's config (``num_attention_heads``, ``num_key_value_heads``). The forward path
 only calls the four projections (no ``.weight`` reads). Verified on ``LlamaForCausalLM`` (with and without
@@ -32,6 +37,8 @@ from typing import Iterator, Optional
 from torch import nn
 
 from mat_ds.core.headwise import HeadwiseLinear, swap_in
+
+from .mlp import convert_projections, layer_of
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -86,6 +93,26 @@ def convert(model: nn.Module) -> int:
         _, H_kv, _ = _heads(model, attn)
         changed = [_swap(attn, p, H_kv, "in" if p == "o_proj" else "out", layer) for p in PROJS]
         converted += any(changed)
+    return converted
+
+
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _mlp_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if all(_is_proj(getattr(m, p, None)) for p in MLP_PROJS):
+            yield name, m
+
+
+def convert_mlp(model: nn.Module, groups: int) -> int:
+    """Every gated MLP -> head-wise linears of kind "mlp" (``groups`` units, gate and up rows alike)."""
+    attention = [name for name, _ in _attention_modules(model)]
+    converted = 0
+    for name, mlp in _mlp_blocks(model):
+        converted += convert_projections([(mlp, "gate_proj", "out"), (mlp, "up_proj", "out"),
+                                          (mlp, "down_proj", "in")], groups, layer_of(name, attention),
+                                         where=f"{name}.")
     return converted
 
 

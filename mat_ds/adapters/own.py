@@ -1,7 +1,9 @@
 """mat_ds's own Transformer (``mat_ds/models/transformer.py``): already head-wise, nothing to convert.
 
 Its per-sample probe output uses the model's sparse-prediction loss (logits only at target positions), and it is the
-one family with a layer path for RaPTr (skipped layers are the identity and cost nothing).
+one family with a layer path for RaPTr (skipped layers are the identity and cost nothing). MLP units
+(``convert_mlp``): each dense block's ``fc1`` (split "out") and ``fc2`` (split "in"); Switch (MoE) blocks have
+experts instead and are left alone.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 from ..core.config import MATConfig
 from ..core.probe import per_sample_output
 from ..models.transformer import Transformer
+from .mlp import convert_projections
 
 
 def matches(model: nn.Module) -> bool:
@@ -21,6 +24,16 @@ def matches(model: nn.Module) -> bool:
 
 def convert(model: nn.Module) -> int:
     return 0  # built head-wise (HeadwiseLinear with layer tags)
+
+
+def convert_mlp(model: Transformer, groups: int) -> int:
+    """Dense blocks' ``fc1``/``fc2`` -> head-wise linears of kind "mlp" (``groups`` units, layer = block index)."""
+    converted = 0
+    for layer, block in enumerate(model.blocks):
+        if block.switch is None:
+            converted += convert_projections([(block, "fc1", "out"), (block, "fc2", "in")], groups, layer,
+                                             where=f"blocks.{layer}.")
+    return converted
 
 
 def objective(model: Transformer) -> str:

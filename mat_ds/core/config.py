@@ -46,7 +46,7 @@ def _check_unit(name: str, value: Any, lo_open: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 POLICIES = ("mat", "rand", "full", "multirate", "raptr", "fixed")
 PROBE_OUTPUTS = ("loss", "logit_projection", "logit_sum")
-MODULE_KINDS = ("heads", "experts")
+MODULE_KINDS = ("heads", "mlp", "experts")
 PROBE_NORMALIZE = ("none", "cosine", "trace")
 SELECTIONS = ("threshold", "top_k")
 SELECTION_SCORES = ("lambda", "layer_z")
@@ -199,9 +199,15 @@ class MATConfig:
         "keep training after warmup_steps; every other unit is frozen from warm-up on, for good. No probe runs. "
         "[0] = all but layer 0's attention frozen; [] = all attention frozen. The λ rule's keys (DEFAULTS: alpha, "
         "beta, reactivate, selection, ...) are errors with it and stay unset.", default=None)
-    modules: list = _help("Module kinds the policy selects: 'heads' (attention heads) and/or 'experts' (MoE experts; "
-                          "ignored for a dense model). Each kind gets its own threshold: λ scales differ by kind.",
+    modules: list = _help("Module kinds the policy selects: 'heads' (attention heads), 'mlp' (groups of a dense MLP "
+                          "block's hidden channels, mlp_groups per layer; opt-in: the MLPs are converted only when it "
+                          "is listed) and/or 'experts' (MoE experts; ignored for a dense model). Each kind gets its "
+                          "own threshold: λ scales differ by kind.",
                           default_factory=lambda: ["heads", "experts"])
+    mlp_groups: int = _help("With 'mlp' in modules: MLP units per layer. Unit g owns hidden channels [g·F/G, (g+1)·F/G) "
+                            "(rows of the up/gate projections with their bias entries, input columns of the down "
+                            "projection; the down projection's bias is shared and always trains); 1 = the whole MLP "
+                            "block is one unit. Must divide the MLP width F.", default=1)
     seed: int = _help("Seed for the probe set and the random baselines.", default=0)
     log_heatmap_interval: int = _help("Optimizer steps between per-head λmax tables/heatmaps in W&B (0 = never).",
                                       default=100)
@@ -221,6 +227,7 @@ class MATConfig:
         _check_int("mat.probe_samples", self.probe_samples, 2)
         _check_int("mat.seed", self.seed, 0)
         _check_int("mat.log_heatmap_interval", self.log_heatmap_interval, 0)
+        _check_int("mat.mlp_groups", self.mlp_groups, 1)
         _check(isinstance(self.enabled, bool), f"mat.enabled={self.enabled!r} must be true or false")
         _check(isinstance(self.modules, list) and len(self.modules) > 0
                and all(m in MODULE_KINDS for m in self.modules) and len(set(self.modules)) == len(self.modules),
@@ -317,6 +324,8 @@ class MATConfig:
                 "threshold_scope", "min_active_fraction", "probe_normalize", "temporal_change", "temporal_reference",
                 "temporal_patience", "early_stop", "reactivate", "warmup_steps", "refresh_interval",
                 "fixed_active_layers", "rand_active_fraction", "modules"]
+        if "mlp" in self.modules:
+            keys.append("mlp_groups")
         if self.policy != "mat":
             keys = [k for k in keys if k not in _MAT_ONLY and k not in ("preset", "alpha", "beta", "threshold_scope",
                                                                          "min_active_fraction", "reactivate")]

@@ -36,7 +36,7 @@ from .freezing import FreezeController
 from .mntk import probe_units
 from .policy import Policy, make_policy
 from .probe import ProbeSet
-from .units import ModelUnits, Unit, find_units
+from .units import KINDS, ModelUnits, Unit, find_units
 
 CLIENT_KEY = "mat"
 
@@ -79,13 +79,18 @@ def prepare_model(model: torch.nn.Module, ds_config: Optional[dict], mat: MATCon
     that ``ds_config`` can run MAT. Returns the adapters' ``Conversion``. Shared with ``mat_ds.hf_trainer``."""
     from ..adapters import convert_model
 
-    conversion = convert_model(model)
+    conversion = convert_model(model, mlp_groups=mat.mlp_groups if "mlp" in mat.modules else None)
     units = find_units(model)
-    if not units.heads and not units.experts:
+    if "mlp" in mat.modules and not units.mlp:
+        raise ConfigError(
+            f"mat.modules has 'mlp' but mat_ds found no MLP blocks to convert in {type(model).__name__} (families with "
+            f"MLP units: mat_ds Transformer, HF BERT, GPT-2, LLaMA/Mistral/Qwen2/Qwen3/Gemma2): remove 'mlp', or mark "
+            f"your MLP with mat_ds.make_headwise(..., kind='mlp') before mat_ds.initialize")
+    if not units.heads and not units.experts and not units.mlp:
         raise ConfigError(
             f"mat_ds found no attention units or deepspeed.moe experts in {type(model).__name__} (families it "
-            f"converts: mat_ds Transformer, HF BERT, GPT-2, LLaMA/Mistral/Qwen2): mark your own model's attention "
-            f"with mat_ds.make_headwise(model, layer=..., out_proj=[...], in_proj=[...], n_units=...) before "
+            f"converts: mat_ds Transformer, HF BERT, GPT-2, LLaMA/Mistral/Qwen2, NeoX, Phi-3): mark your own model's "
+            f"attention with mat_ds.make_headwise(model, layer=..., out_proj=[...], in_proj=[...], n_units=...) before "
             f"mat_ds.initialize (README: 'Your own model')")
     check_supported(ds_config, mat, units)
     return conversion
@@ -147,15 +152,16 @@ class MATController:
             raise ConfigError("mat.policy='raptr' skips whole layers, which mat_ds supports for its own Transformer "
                               "only; use policy mat, rand or multirate for this model")
         self.n_layers = layer_path.n_layers if self.layer_path is not None else max(len(units.attention_layers), 1)
-        # Freezer modules: heads, then experts, then (RaPTr) each layer's non-unit parameters.
+        # Freezer modules: the units kind by kind (units.KINDS: heads, MLP units, experts), then (RaPTr) each layer's
+        # non-unit parameters.
         bodies = self.layer_path.bodies() if self.layer_path is not None else []
-        self.freezer = FreezeController(engine, [u.params for u in units.heads] + [u.params for u in units.experts]
-                                        + bodies)
-        # One policy per unit kind: λmax scales differ between heads and experts, so each has its own threshold.
+        self.freezer = FreezeController(engine, [u.params for u in units.all()] + bodies)
+        # One policy per unit kind: λmax scales differ between heads, MLP units and experts, so each has its own
+        # threshold. RaPTr selects layers, not units: only its head policy (which carries the layer path) runs.
         self.policies: dict[str, Policy] = {}
-        for kind in ("heads", "experts"):
+        for kind in KINDS:
             n = len(units.of_kind(kind))
-            selects = kind in cfg.modules and n > 0 and not (kind == "experts" and cfg.policy == "raptr")
+            selects = kind in cfg.modules and n > 0 and not (kind != "heads" and cfg.policy == "raptr")
             groups = [u.layer for u in units.of_kind(kind)]
             self.policies[kind] = (make_policy(cfg, n, self.n_layers, groups) if selects
                                    else Policy(cfg, n, self.n_layers, groups))
@@ -196,7 +202,7 @@ class MATController:
         from .ghost import choose
 
         n, T = self.probe.batch["input_ids"].shape[:2]
-        for mods in self.units.attention_layers.values():
+        for mods in [*self.units.attention_layers.values(), *self.units.mlp_layers.values()]:
             for m in mods:
                 try:
                     choose(m, n, T, self.cfg.probe_gram, self.cfg.probe_memory_mb << 20)
@@ -218,19 +224,22 @@ class MATController:
     def refresh(self, step: int) -> dict:
         """Measure (if the policy needs λmax), decide on rank 0, broadcast, freeze. Returns this refresh's metrics."""
         t0 = time.perf_counter()
-        lam: dict[str, Optional[torch.Tensor]] = {"heads": None, "experts": None}
+        lam: dict[str, Optional[torch.Tensor]] = {kind: None for kind in KINDS}
         metrics: dict[str, float] = {}
         if self.probe is not None:
             device = next(self.engine.module.parameters()).device
             want_experts = "experts" in self.cfg.modules and bool(self.units.experts)
+            want_mlp = "mlp" in self.cfg.modules and bool(self.units.mlp)
             result = probe_units(self.engine.module, self.units, self.probe.on(device), self.probe_fn,
                                  experts=want_experts, gram=self.cfg.probe_gram,
-                                 memory_limit_bytes=self.cfg.probe_memory_mb << 20)
+                                 memory_limit_bytes=self.cfg.probe_memory_mb << 20, mlp=want_mlp)
             if self.engine.zero_optimization_stage() == 3:
                 self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
             self.last_probe = result
             if "heads" in self.cfg.modules and self.units.heads:
                 lam["heads"] = result.head_lambda_max(self.cfg.probe_normalize)
+            if result.mlp_grams is not None:
+                lam["mlp"] = result.mlp_lambda_max(self.cfg.probe_normalize)
             if result.expert_grams is not None:
                 lam["experts"] = result.expert_lambda_max(self.cfg.probe_normalize)
             metrics.update(result.metrics())
@@ -244,9 +253,12 @@ class MATController:
         self.refresh_seconds_total += seconds
         metrics["mat/refresh_seconds"] = seconds
         metrics["mat/frozen_heads"] = int(self.policies["heads"].frozen.sum())
+        if self.units.mlp:
+            metrics["mat/frozen_mlp"] = int(self.policies["mlp"].frozen.sum())
         if self.units.experts:
             metrics["mat/frozen_experts"] = int(self.policies["experts"].frozen.sum())
-        for kind, key in (("heads", "mat/lambda_max/"), ("experts", "mat/expert_lambda_max/")):
+        for kind, key in (("heads", "mat/lambda_max/"), ("mlp", "mat/mlp_lambda_max/"),
+                          ("experts", "mat/expert_lambda_max/")):
             if lam[kind] is not None:
                 metrics.update({key + u.name: float(v) for u, v in zip(self.units.of_kind(kind), lam[kind].tolist())})
         if lam["heads"] is not None:
@@ -257,8 +269,8 @@ class MATController:
     def _apply(self, skipped: torch.Tensor) -> None:
         """Freeze what the policies froze, plus everything in layers RaPTr skips this step; set the layer path."""
         self.skipped = skipped.clone()
-        self.freezer.apply(torch.cat([self.frozen_mask("heads"), self.frozen_mask("experts"),
-                                      skipped if self.layer_path is not None else torch.zeros(0, dtype=torch.bool)]))
+        self.freezer.apply(torch.cat([self.frozen_mask(kind) for kind in KINDS]
+                                     + [skipped if self.layer_path is not None else torch.zeros(0, dtype=torch.bool)]))
         if self.layer_path is not None:
             self.layer_path.set_active((~skipped).tolist())
 
@@ -272,7 +284,7 @@ class MATController:
         return mask
 
     def frozen_units(self) -> list[Unit]:
-        return [u for kind in ("heads", "experts") for u, f in zip(self.units.of_kind(kind), self.frozen_mask(kind))
+        return [u for kind in KINDS for u, f in zip(self.units.of_kind(kind), self.frozen_mask(kind))
                 if f]
 
     def metrics(self) -> dict[str, float]:
@@ -286,6 +298,9 @@ class MATController:
                     "mat/refresh_seconds_total": self.refresh_seconds_total})
         if self.layer_path is not None:
             out["mat/skipped_layers"] = int(self.skipped.sum())
+        if self.units.mlp:
+            mlp = self.frozen_mask("mlp")
+            out.update({"mat/active_mlp": int((~mlp).sum()), "mat/active_mlp_fraction": float((~mlp).float().mean())})
         if self.units.experts:
             experts = self.frozen_mask("experts")
             out.update({"mat/active_experts": int((~experts).sum()),
@@ -336,6 +351,11 @@ class MATController:
 
     def load_state_dict(self, state: dict) -> None:
         for kind, policy in self.policies.items():
+            if kind not in state["policies"] and not self.units.of_kind(kind):
+                continue  # a checkpoint from before this kind existed, and the model has no such units
+            if kind not in state["policies"]:
+                raise ConfigError(f"the checkpoint has no MAT state for unit kind {kind!r}, which this run selects "
+                                  f"(mat.modules): resume with the modules it was written with")
             policy.load_state_dict(state["policies"][kind])
         if self.probe is not None and state.get("probe"):
             self.probe.load_state_dict(state["probe"])

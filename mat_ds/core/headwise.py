@@ -25,8 +25,10 @@ Layouts (``split``):
 
 ``layout`` defaults to contiguous blocks (unit u = channels [u·k, (u+1)·k)); HF GPT-2's blocked ``[Q | K | V]``
 ``c_attn`` needs the general form (unit h = channels h·k.. of each of the three blocks). ``layer`` tags the
-transformer layer the units belong to: units of all head-wise linears with the same ``layer`` tag form that layer's
-MAT units (unit u of a layer = part u of each of its head-wise linears).
+transformer layer the units belong to, and ``kind`` what they are: ``"heads"`` (attention heads or KV groups) or
+``"mlp"`` (groups of an MLP block's hidden channels: the up/gate projections split "out", the down projection split
+"in", whose bias is shared). Units of all head-wise linears with the same (``layer``, ``kind``) tags form that layer's
+MAT units of that kind (unit u = part u of each of them).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SPLITS = ("out", "in")
+KINDS = ("heads", "mlp")  # what a head-wise linear's units are (mat_ds/core/units.py)
 
 
 def contiguous_layout(total: int, n_units: int) -> torch.Tensor:
@@ -200,11 +203,13 @@ class HeadwiseLinear(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, n_units: int, split: str, bias: bool = False,
                  layout: Optional[torch.Tensor] = None, init_std: float = 0.02, layer: Optional[int] = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, kind: str = "heads"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         total = d_out if split == "out" else d_in
         if layout is None:
             contiguous_layout(total, n_units)  # validates divisibility
@@ -217,7 +222,7 @@ class HeadwiseLinear(nn.Module):
                 layout = None  # contiguous: the fast path
         self.d_in, self.d_out, self.n_units, self.split = d_in, d_out, n_units, split
         self.split_dim = 0 if split == "out" else 1
-        self.layer = layer
+        self.layer, self.kind = layer, kind
         k = total // n_units
         # Buffers would be moved/cast by .to() and end up in state_dicts; these are index bookkeeping only.
         self.layout: Optional[torch.Tensor] = layout
@@ -238,13 +243,14 @@ class HeadwiseLinear(nn.Module):
     # -- construction from existing layers ----------------------------------------------------------------------------
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], n_units: int, split: str,
-                    layout: Optional[torch.Tensor] = None, layer: Optional[int] = None) -> "HeadwiseLinear":
+                    layout: Optional[torch.Tensor] = None, layer: Optional[int] = None,
+                    kind: str = "heads") -> "HeadwiseLinear":
         """A head-wise layer computing exactly ``F.linear(x, weight, bias)`` (weight [d_out, d_in]), same dtype and
         device; the parameters are copies."""
         d_out, d_in = weight.shape
         # Parameters start on the meta device (no random init of a large layer that is overwritten right away).
         mod = cls(d_in, d_out, n_units, split, bias=bias is not None, layout=layout, layer=layer, device="meta",
-                  dtype=weight.dtype)
+                  dtype=weight.dtype, kind=kind)
         mod.to_empty(device=weight.device)
         lay = mod.unit_layout()
         with torch.no_grad():
@@ -259,17 +265,17 @@ class HeadwiseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, n_units: int, split: str, layout: Optional[torch.Tensor] = None,
-                    layer: Optional[int] = None) -> "HeadwiseLinear":
+                    layer: Optional[int] = None, kind: str = "heads") -> "HeadwiseLinear":
         """Convert an ``nn.Linear`` (function unchanged)."""
         return cls.from_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
-                               n_units, split, layout, layer)
+                               n_units, split, layout, layer, kind)
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, n_units: int, split: str, layout: Optional[torch.Tensor] = None,
-                    layer: Optional[int] = None) -> "HeadwiseLinear":
+                    layer: Optional[int] = None, kind: str = "heads") -> "HeadwiseLinear":
         """Convert a GPT-2 style ``Conv1D`` (y = x W + b with W [d_in, d_out], i.e. a transposed linear weight)."""
         return cls.from_weight(conv.weight.detach().t(), None if conv.bias is None else conv.bias.detach(),
-                               n_units, split, layout, layer)
+                               n_units, split, layout, layer, kind)
 
     # -- what the probe and the freezer read ----------------------------------------------------------------------
     def unit_layout(self) -> torch.Tensor:
@@ -311,6 +317,7 @@ class HeadwiseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, n_units={self.n_units}, split={self.split}, "
                 f"bias={self.has_unit_bias or self.bias is not None}, layer={self.layer}"
+                + (f", kind={self.kind}" if self.kind != "heads" else "")
                 + (", layout=custom" if self.layout is not None else ""))
 
 

@@ -154,7 +154,7 @@ def resolve_split(units: ModelUnits, split: str = "auto") -> str:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split != "auto":
         return split
-    params = [p for u in units.heads for p in u.params]
+    params = [p for u in units.heads + units.mlp for p in u.params]
     return "shard" if any(is_zero3_partitioned(p) for p in params) else "layer"
 
 
@@ -203,9 +203,15 @@ class UnitProbe:
     probe_comm_bytes: Optional[dict[str, int]]
     grad_numel: int  # per-sample weight-gradient entries (n·params) this rank computed
     grad_numel_unsplit: int  # ... and what one rank computing all units would compute
+    mlp_grams: Optional[torch.Tensor] = None  # [n_mlp_units, n, n], None unless asked for (probe_units(mlp=True))
 
     def head_lambda_max(self, normalize: str = "none") -> torch.Tensor:
         return lambda_max(self.head_grams, normalize)
+
+    def mlp_lambda_max(self, normalize: str = "none") -> torch.Tensor:
+        if self.mlp_grams is None:
+            raise ValueError("this probe did not measure MLP units (probe_units(..., mlp=True))")
+        return lambda_max(self.mlp_grams, normalize)
 
     def expert_lambda_max(self, normalize: str = "none") -> torch.Tensor:
         if self.expert_grams is None:
@@ -221,9 +227,11 @@ class UnitProbe:
 
 def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: ProbeFn, group=None,
                 split: str = "auto", experts: bool = False, gram: str = "auto",
-                memory_limit_bytes: int = 2 << 30) -> UnitProbe:
-    """Θ for every attention unit (and, with ``experts``, every MoE expert) plus the refresh's communication and work,
-    from ONE probe forward and ONE activation backward (see the module docstring).
+                memory_limit_bytes: int = 2 << 30, mlp: bool = False) -> UnitProbe:
+    """Θ for every attention unit (with ``mlp``, every MLP unit; with ``experts``, every MoE expert) plus the refresh's
+    communication and work, from ONE probe forward and ONE activation backward (see the module docstring). MLP units
+    are head-wise linears like attention units, so they take exactly the same path (materialised or ghost form, layer
+    or ZeRO-3 shard split) and share the one all-reduce.
 
     Every rank of ``group`` must call this with the same probe batch (one collective per call, in the same order).
     Experts are reduced over all ranks, so ``experts=True`` needs the default (world) group. ``batch`` must hold an
@@ -241,7 +249,8 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
     split = resolve_split(units, split)
-    layers = [m for mods in units.attention_layers.values() for m in mods]
+    kinds = ["heads"] + (["mlp"] if mlp and units.mlp else [])
+    layers = [m for kind in kinds for mods in units.layers_of(kind).values() for m in mods]
     moe = units.moe_layers if experts else []
     fused = list(getattr(units, "fused_expert_layers", [])) if experts else []  # per-expert modules (fused_experts.py)
 
@@ -274,22 +283,28 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     if comm_before is not None and comm_after is not None:
         probe_comm = {op: b - comm_before.get(op, 0) for op, b in comm_after.items() if b - comm_before.get(op, 0)}
 
-    # Row offset of each layer's units in the flat unit order (layers sorted by tag, as in units.heads).
-    offset, start = {}, 0
-    for layer in sorted(units.attention_layers):
-        offset[layer] = start
-        start += units.attention_layers[layer][0].n_units
+    # Row offset of each (kind, layer)'s units in ONE tensor of all head-wise units: heads by layer, then MLP units by
+    # layer (layers sorted by tag, as in units.heads / units.mlp).
+    offset, start, n_kind = {}, 0, {}
+    for kind in kinds:
+        by_layer = units.layers_of(kind)
+        first = start
+        for layer in sorted(by_layer):
+            offset[(kind, layer)] = start
+            start += by_layer[layer][0].n_units
+        n_kind[kind] = start - first
     device = batch["input_ids"].device
     grams = torch.zeros(start, n, n, dtype=torch.float32, device=device)
     done = total = 0
     for (module, x, _), dy in zip(records, grads):
         layer, U = int(module.layer), module.n_units
+        base = offset[(getattr(module, "kind", "heads"), layer)]
         rows, cols = unit_param_shape(module)
         total += n * U * rows * cols
         if dy is None:  # this output does not reach f (cannot happen for a connected model): Θ contribution 0
             continue
         x, dy = x.float(), dy.float()
-        sl = slice(offset[layer], offset[layer] + U)
+        sl = slice(base, base + U)
         if ghost.choose(module, n, x.shape[1], gram, memory_limit_bytes) == "ghost":
             if layer % world == rank:
                 grams[sl] += ghost.ghost_unit_gram(x, dy, module)
@@ -310,8 +325,10 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
         grams = flat[:grams.numel()].view_as(grams)
         if egrams is not None:
             egrams = flat[grams.numel():].view_as(egrams)
-    return UnitProbe(grams.double(), None if egrams is None else egrams.double(), split, sent, probe_comm, done,
-                     total)
+    grams = grams.double()
+    nh = n_kind["heads"]
+    return UnitProbe(grams[:nh], None if egrams is None else egrams.double(), split, sent, probe_comm, done, total,
+                     mlp_grams=grams[nh:] if "mlp" in kinds else None)
 
 
 def lambda_max(grams: torch.Tensor, normalize: str = "none") -> torch.Tensor:

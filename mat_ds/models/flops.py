@@ -9,7 +9,9 @@ Counting convention (Megatron/PaLM style, matmuls only; LayerNorm, softmax, GELU
 * the tied LM head is a d×V matmul at predicted positions only (``predicted_fraction``: the MLM probability for
   BERT, whose logits are computed at masked positions only, 1 for GPT); the embedding lookup is free.
 
-Frozen heads still pay forward and dX: a head's input gradient is needed by the layers below it. A skipped layer
+Frozen heads still pay forward and dX: a head's input gradient is needed by the layers below it. The same holds for
+MLP units (``"mlp"`` in ``mat.modules``): a frozen group of G skips the dW of its fc1 rows and fc2 columns,
+2·d·d_ff/G weights (``mlp_unit_weights``). A skipped layer
 (RaPTr) costs nothing: no forward, no backward.
 
 MoE (Switch, top-1): a token goes through ONE expert, so an MoE MLP costs what the dense MLP costs per routed token,
@@ -69,37 +71,48 @@ class FlopsModel:
         c = self.cfg
         return 4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff
 
-    def train_per_token(self, n_frozen_heads: int = 0, n_skipped_layers: int = 0) -> int:
-        """Forward + backward per token; ``n_frozen_heads`` heads (in layers that run) skip their weight gradient,
-        ``n_skipped_layers`` layers are not run at all."""
+    def mlp_unit_weights(self, mlp_groups: int) -> int:
+        """Weights of one MLP unit (one of ``mlp_groups`` groups of a dense MLP's hidden channels): fc1 rows + fc2
+        columns."""
+        return 2 * self.cfg.d_model * self.cfg.d_ff // mlp_groups
+
+    def train_per_token(self, n_frozen_heads: int = 0, n_skipped_layers: int = 0, n_frozen_mlp: int = 0,
+                        mlp_groups: int = 1) -> int:
+        """Forward + backward per token; ``n_frozen_heads`` heads and ``n_frozen_mlp`` MLP units (of ``mlp_groups``
+        per layer; in layers that run) skip their weight gradient, ``n_skipped_layers`` layers are not run at all."""
         weights = self.matmul_weights - n_skipped_layers * self.layer_weights
         core = self.attention_core * (self.cfg.n_layer - n_skipped_layers) // self.cfg.n_layer
         fwd = 2 * weights + core
         bwd_dx = 2 * weights + 2 * core
-        bwd_dw = 2 * (weights - n_frozen_heads * self.head_weights)
+        frozen = n_frozen_heads * self.head_weights + (n_frozen_mlp * self.mlp_unit_weights(mlp_groups)
+                                                       if n_frozen_mlp else 0)
+        bwd_dw = 2 * (weights - frozen)
         return fwd + bwd_dx + bwd_dw
 
     # -- per step ---------------------------------------------------------------------------------------------------
     def train_step(self, tokens: int, n_frozen_heads: int = 0, n_skipped_layers: int = 0,
-                   frozen_expert_tokens: int = 0) -> int:
+                   frozen_expert_tokens: int = 0, n_frozen_mlp: int = 0, mlp_groups: int = 1) -> int:
         """FLOPs of one optimizer step over ``tokens`` tokens (all ranks, all micro-batches);
         ``frozen_expert_tokens`` = Σ over MoE layers of the tokens routed to a frozen expert (no dW for them)."""
-        return tokens * self.train_per_token(n_frozen_heads, n_skipped_layers) \
+        return tokens * self.train_per_token(n_frozen_heads, n_skipped_layers, n_frozen_mlp, mlp_groups) \
             - 2 * frozen_expert_tokens * self.expert_weights
 
-    def probe_parts(self, n_samples: int) -> tuple[int, int]:
-        """(forward + dX over the probe batch, per-sample gradient GEMMs + n×n Grams) of one mNTK refresh."""
+    def probe_parts(self, n_samples: int, mlp: bool = False) -> tuple[int, int]:
+        """(forward + dX over the probe batch, per-sample gradient GEMMs + n×n Grams) of one mNTK refresh; ``mlp``:
+        the dense MLPs are measured too (MAT units of kind "mlp")."""
         c, T = self.cfg, self.seq_len
         tokens = n_samples * T
         fwd_dx = tokens * (self.forward_per_token() + 2 * self.matmul_weights + 2 * self.attention_core)
-        attn_weights = c.n_layer * 4 * c.d_model * c.d_model  # the head-wise layers' weights
-        gram_work = 2 * tokens * attn_weights + 2 * n_samples * n_samples * attn_weights
+        unit_weights = c.n_layer * 4 * c.d_model * c.d_model  # the head-wise layers' weights
+        if mlp:
+            unit_weights += (c.n_layer - len(c.moe_layers)) * 2 * c.d_model * c.d_ff
+        gram_work = 2 * tokens * unit_weights + 2 * n_samples * n_samples * unit_weights
         if c.moe_num_experts:  # expert slot kernels (dy dyᵀ)⊙(x xᵀ+1) over ~tokens/E slots per expert, fc1 and fc2
             E = c.moe_num_experts
             gram_work += len(c.moe_layers) * E * 4 * (tokens // E) ** 2 * (c.d_model + c.d_ff)
         return fwd_dx, gram_work
 
-    def probe_total(self, n_samples: int, world_size: int) -> int:
+    def probe_total(self, n_samples: int, world_size: int, mlp: bool = False) -> int:
         """FLOPs of one refresh over all ranks: every rank runs the probe forward/dX, the Gram work is split by layer."""
-        fwd_dx, gram_work = self.probe_parts(n_samples)
+        fwd_dx, gram_work = self.probe_parts(n_samples, mlp)
         return world_size * fwd_dx + gram_work

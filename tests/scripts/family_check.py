@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus 2 tests/scripts/family_check.py --cases own:2,bert:2,switch:2:1,switch:2:2,gpt2:3
 
-A case is ``family:stage[:ep_size]``; families: ``own`` (mat_ds Transformer, BERT arch), ``bert`` (HF
+A case is ``family[+mlp]:stage[:ep_size]``; ``+mlp`` also converts the dense MLPs into MAT units (``"modules":
+["heads", "mlp"]``, ``mlp_groups`` 2) and checks them like heads (λ, freezing, gradient bytes); families: ``own`` (mat_ds Transformer, BERT arch), ``bert`` (HF
 BertForMaskedLM), ``gpt2`` (HF GPT2LMHeadModel), ``llama`` (HF LlamaForCausalLM, 4 heads / 2 KV heads = 2 units per
 layer), ``switch`` (the own Transformer with 4 deepspeed.moe experts in every block; ep_size 1 or 2). All tiny, fp32,
 dropout 0, seeded identically on every rank. Per case, ONE engine (``mat_ds.initialize`` with a "mat" block: policy
@@ -45,14 +46,15 @@ from mat_ds.core.mntk import lambda_max, probe_units
 from mat_ds.core.units import find_units
 from mat_ds.distributed import exit_process
 from mat_ds.models.transformer import Transformer
-from tests.oracles import explicit_expert_grams, explicit_head_grams
+from tests.oracles import explicit_expert_grams, explicit_head_grams, explicit_unit_grams
 
 V, T, D, L, H = 100, 16, 32, 2, 4
 N_PROBE, MICRO, ACCUM = 6, 4, 2
 LR, WD = 5e-3, 0.01
 E = 4  # experts per MoE layer
+MLP_GROUPS = 2  # MLP units per layer in the +mlp cases
 PHASE_FULL, PHASE_FROZEN, PHASE_POLICY, POLICY_INTERVAL = 2, 3, 15, 4
-CAUSAL = {"own": False, "switch": False, "bert": False, "gpt2": True, "llama": True}
+CAUSAL = {"own": False, "switch": False, "bert": False, "gpt2": True, "llama": True, "neox": True, "phi3": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,6 +85,15 @@ def build_model(family: str, ep: int) -> torch.nn.Module:
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=2,
             intermediate_size=64, max_position_embeddings=T, attention_dropout=0.0))
+    if family == "neox":  # fused per-head [q|k|v] query_key_value, 4 heads = 4 units per layer
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64,
+            max_position_embeddings=T, attention_dropout=0.0, hidden_dropout=0.0))
+    if family == "phi3":  # fused blocked [Q|K|V] qkv_proj, 4 heads / 2 KV heads = 2 units per layer
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=T, attention_dropout=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -97,7 +108,7 @@ def make_batch(seed: int, n: int, causal: bool) -> dict:
     return {"input_ids": ids, "labels": torch.where(target, ids, torch.full_like(ids, -100))}
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, mlp: bool = False) -> dict:
     zero: dict = {"stage": stage}
     if stage == 3:  # really partition every (tiny) parameter, and split the fp32 master into several sub-groups
         zero.update({"stage3_param_persistence_threshold": 0, "sub_group_size": 4000})
@@ -107,7 +118,8 @@ def ds_config(stage: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
         "zero_optimization": zero,
         "comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False},
-        "mat": {"policy": "mat", "warmup_steps": 0, "refresh_interval": 10**6, "probe_samples": N_PROBE},
+        "mat": {"policy": "mat", "warmup_steps": 0, "refresh_interval": 10**6, "probe_samples": N_PROBE,
+                **({"modules": ["heads", "mlp", "experts"], "mlp_groups": MLP_GROUPS} if mlp else {})},
     }
 
 
@@ -188,6 +200,8 @@ def all_max(values: list[float]) -> list[float]:
 # ----------------------------------------------------------------------------------------------------------------------
 class Case:
     def __init__(self, family: str, stage: int, ep: int):
+        family, _, extra = family.partition("+")
+        self.mlp = extra == "mlp"
         self.family, self.stage, self.ep = family, stage, ep
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         causal = CAUSAL[family]
@@ -198,16 +212,16 @@ class Case:
         model = build_model(family, ep)
         self.ref = None
         if stage == 3:  # unpartitioned copy of the CONVERTED model for the oracle (ZeRO-3 shards the engine's)
-            mat_ds.convert_model(model)
+            mat_ds.convert_model(model, mlp_groups=MLP_GROUPS if self.mlp else None)
             self.ref = copy.deepcopy(model)
         self.engine, *_ = mat_ds.initialize(model=model, model_parameters=model_parameters(family, model),
-                                            config=ds_config(stage), probe_batch=self.probe)
+                                            config=ds_config(stage, self.mlp), probe_batch=self.probe)
         assert self.engine.zero_optimization_stage() == stage
         self.mat = self.engine.mat
         self.units = self.mat.units
 
     # -- λmax ---------------------------------------------------------------------------------------------------------
-    def oracle(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def oracle(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Explicit-Jacobian Grams of the engine's CURRENT weights."""
         if self.ref is None:
             model, units = self.engine.module, self.units
@@ -224,17 +238,21 @@ class Case:
         with record_routes(units.moe_layers):
             heads = explicit_head_grams(model, units, self.probe, self.mat.probe_fn)
         experts = explicit_expert_grams(model, units, self.probe, self.mat.probe_fn) if units.experts else None
-        return heads, experts
+        mlp = explicit_unit_grams(model, units.mlp, self.probe, self.mat.probe_fn) if units.mlp else None
+        return heads, experts, mlp
 
     def measure(self, experts: bool = True):
         result = probe_units(self.engine.module, self.units, self.probe, self.mat.probe_fn,
-                             experts=experts and bool(self.units.experts))
+                             experts=experts and bool(self.units.experts), mlp=bool(self.units.mlp))
         if self.stage == 3:
             self.engine.empty_partition_cache()
         return result
 
     def compare(self, result, oracle: tuple, prefix: str, res: dict) -> None:
-        heads, experts = oracle
+        heads, experts, mlp = oracle
+        if mlp is not None:
+            res[f"{prefix}_lam_rel_err_mlp"] = lam_rel(result.mlp_grams, mlp)
+            res[f"{prefix}_gram_rel_err_mlp"] = rel(result.mlp_grams, mlp)
         res[f"{prefix}_lam_rel_err_heads"] = lam_rel(result.head_grams, heads)
         res[f"{prefix}_gram_rel_err_heads"] = rel(result.head_grams, heads)
         if experts is not None:
@@ -257,14 +275,16 @@ class Case:
         dist.all_reduce(mean)
         return float(mean) / self.world, grad_bytes
 
-    def set_frozen(self, heads: list[int], experts: list[int]) -> torch.Tensor:
-        nh, ne = len(self.units.heads), len(self.units.experts)
-        mask = torch.zeros(nh + ne, dtype=torch.bool)
+    def set_frozen(self, heads: list[int], experts: list[int], mlp: list[int] = ()) -> torch.Tensor:
+        nh, nm, ne = len(self.units.heads), len(self.units.mlp), len(self.units.experts)
+        mask = torch.zeros(nh + nm + ne, dtype=torch.bool)  # the freezer's order: heads, MLP units, experts
         mask[heads] = True
-        mask[[nh + e for e in experts]] = True
+        mask[[nh + g for g in mlp]] = True
+        mask[[nh + nm + e for e in experts]] = True
         self.mat.freezer.apply(mask)
         self.mat.policies["heads"].frozen = mask[:nh].clone()  # keep the controller's view consistent
-        self.mat.policies["experts"].frozen = mask[nh:].clone()
+        self.mat.policies["mlp"].frozen = mask[nh:nh + nm].clone()
+        self.mat.policies["experts"].frozen = mask[nh + nm:].clone()
         return mask
 
     def expected_drop(self, frozen_params: list) -> int:
@@ -284,7 +304,8 @@ class Case:
 
         units = self.units
         res: dict = {"family": self.family, "stage": self.stage, "ep_size": self.ep, "world": self.world,
-                     "accum": ACCUM, "n_probe": N_PROBE, "heads": len(units.heads), "experts": len(units.experts)}
+                     "accum": ACCUM, "n_probe": N_PROBE, "heads": len(units.heads), "experts": len(units.experts),
+                     "mlp": len(units.mlp), "mlp_case": self.mlp}
         # 1. λmax at init: the fast path and the engine's own step-0 refresh against the explicit Jacobian
         oracle0 = self.oracle()
         lap("oracle_init")
@@ -312,8 +333,10 @@ class Case:
         hpl = units.heads_per_layer
         frozen_heads = [1, hpl]  # unit 1 of layer 0, unit 0 of layer 1
         frozen_experts = [1, E + 2] if units.experts else []  # expert 1 of the first MoE layer, 2 of the second
-        self.set_frozen(frozen_heads, frozen_experts)
-        frozen_units = [units.heads[i] for i in frozen_heads] + [units.experts[e] for e in frozen_experts]
+        frozen_mlp = [1, MLP_GROUPS] if units.mlp else []  # group 1 of layer 0, group 0 of layer 1
+        self.set_frozen(frozen_heads, frozen_experts, frozen_mlp)
+        frozen_units = [units.heads[i] for i in frozen_heads] + [units.mlp[g] for g in frozen_mlp] \
+            + [units.experts[e] for e in frozen_experts]
         res["frozen_units"] = [u.name for u in frozen_units]
         assert [u.name for u in self.mat.frozen_units()] == res["frozen_units"]
         frozen_params = [p for u in frozen_units for p in u.params]  # what THIS rank holds of them
@@ -354,7 +377,8 @@ class Case:
         res["frozen_state_drift"] = {w: max(r[w] for r in per_rank) for w in ("fp32", "exp_avg", "exp_avg_sq")}
         res["frozen_change_api"] = self.mat.frozen_change(snap)
         # every frozen element counted once: heads are on every rank, an expert on world/ep_size ranks
-        res["frozen_numel_global"] = sum(full_numel(p) for u in frozen_units if u.kind == "heads" for p in u.params) \
+        res["frozen_numel_global"] = sum(full_numel(p) for u in frozen_units if u.kind != "experts"
+                                         for p in u.params) \
             + sum(r["expert_numel"] for r in per_rank) // (self.world // self.ep)
         # units that train: each moved on the rank(s) holding it
         moved = [max([float((a - local(p)).abs().max()) for a, p in zip(before, u.params)] or [0.0])
@@ -376,7 +400,7 @@ class Case:
         oracle1 = self.oracle()
         self.compare(result, oracle1, "trained", res)
         if self.units.experts:  # heads only (mat.modules=["heads"]): the same head Grams, the same routing
-            self.compare(self.measure(experts=False), (oracle1[0], None), "trained_heads_only", res)
+            self.compare(self.measure(experts=False), (oracle1[0], None, oracle1[2]), "trained_heads_only", res)
         lap("oracle_trained")
 
         # 4. MAT's own policy, refreshing every POLICY_INTERVAL steps
@@ -391,7 +415,8 @@ class Case:
             metrics = self.mat.metrics()
             if refreshing:
                 refreshes.append({"step": step, "frozen_heads": metrics.get("mat/frozen_heads"),
-                                  "frozen_experts": metrics.get("mat/frozen_experts")})
+                                  "frozen_experts": metrics.get("mat/frozen_experts"),
+                                  "frozen_mlp": metrics.get("mat/frozen_mlp")})
             else:
                 policy_drift = max(policy_drift, self.mat.frozen_change(snap))
         res["policy_refreshes"] = refreshes

@@ -1,0 +1,104 @@
+"""Adapter: Hugging Face Phi-3 (fused ``qkv_proj``, grouped-query attention) -> head-wise projections, MAT unit = KV
+group.
+
+Layout in transformers 5.x (``models/phi3/modeling_phi3.py``), per decoder layer ``model.layers.N.self_attn``
+(``Phi3Attention``, ``k = head_dim``, ``r = H / H_kv``):
+
+* ``qkv_proj``: ``nn.Linear(d, (H + 2·H_kv)·k)``, no bias, BLOCKED ``[Q (H·k) | K (H_kv·k) | V (H_kv·k)]``: the
+  forward slices ``qkv[..., :H·k]``, ``[H·k : (H+H_kv)·k]``, ``[(H+H_kv)·k :]`` and views each block as
+  ``[..., heads, k]``. Query head h reads KV head ``h // r`` (``repeat_kv``, as in LLaMA).
+* ``o_proj``: ``nn.Linear(H·k, d)``, no bias, on the concatenated (head-major) query heads.
+
+The unit is one KV group g, for the reason ``hf_llama`` gives (the smallest set of attention parameters closed under
+the K/V sharing): query heads g·r..(g+1)·r-1, KV head g and their o_proj columns. In the fused ``qkv_proj`` that is
+three runs of output channels, q rows ``[g·r·k, (g+1)·r·k)``, k rows ``H·k + [g·k, (g+1)·k)``, v rows
+``(H+H_kv)·k + [g·k, (g+1)·k)``: one non-contiguous ``split="out"`` layout of shape [H_kv, (r+2)·k]
+(``qkv_layout``). ``o_proj``: ``split="in"``, H_kv contiguous units (columns ``[g·r·k, (g+1)·r·k)``). With
+H_kv = H (multi-head) r = 1 and a unit is one head, the layout GPT-2's blocked ``c_attn`` has.
+
+Rotary (``partial_rotary_factor``, LongRoPE scaling alike) acts on the head_dim axis of each head's q and k with
+position-only cos/sin, and ``sliding_window`` only masks positions: both keep head locality. The forward path only
+calls the two projections (no ``.weight`` reads); ``Phi3PreTrainedModel`` has no ``_init_weights`` of its own.
+Attention modules are found structurally (``qkv_proj``/``o_proj`` linears, an int ``head_dim`` and
+``num_key_value_heads``; shapes checked against the config's ``num_attention_heads``/``num_key_value_heads``).
+``q/k/v_proj`` models (``hf_llama``) do not match, nor do CodeGen / MiniMax-lightning ``qkv_proj`` + ``out_proj``
+(different fused layouts). Verified on ``Phi3ForCausalLM`` (GQA and MHA); Phi-4-multimodal's text attention is the
+same code but not verified here. Phi-3's fused MLP ``gate_up_proj`` is not converted.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from mat_ds.core.headwise import HeadwiseLinear, swap_in
+
+
+def _dims(m: Optional[nn.Module]) -> Optional[tuple[int, int]]:
+    """(d_in, d_out) of a linear projection, converted or not (None: not one)."""
+    if isinstance(m, HeadwiseLinear):
+        return m.d_in, m.d_out
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return None
+
+
+def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Self-attention modules (``Phi3Attention``-like) in module order: one per decoder layer."""
+    for name, m in model.named_modules():
+        k, h_kv = getattr(m, "head_dim", None), getattr(m, "num_key_value_heads", None)
+        if not isinstance(k, int) or not isinstance(h_kv, int):
+            continue
+        qkv, o = _dims(getattr(m, "qkv_proj", None)), _dims(getattr(m, "o_proj", None))
+        if qkv is not None and o is not None and qkv[1] == o[0] + 2 * h_kv * k and o[0] % k == 0:
+            yield name, m
+
+
+def matches(model: nn.Module) -> bool:
+    return next(_attention_modules(model), None) is not None
+
+
+def _heads(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
+    """(H, H_kv, head_dim), checked against the projection shapes."""
+    cfg = getattr(attn, "config", None) or model.config
+    H = cfg.num_attention_heads
+    H_kv = getattr(cfg, "num_key_value_heads", None) or H
+    k = attn.head_dim
+    qkv, o = _dims(attn.qkv_proj), _dims(attn.o_proj)
+    if H % H_kv or H_kv != attn.num_key_value_heads or qkv[1] != (H + 2 * H_kv) * k or o[0] != H * k:
+        raise ValueError(f"unexpected attention shapes qkv_proj {qkv}, o_proj {o} for H={H}, H_kv={H_kv}, "
+                         f"head_dim={k}")
+    return H, H_kv, k
+
+
+def qkv_layout(n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[H_kv, (r+2)·k]: KV group g owns q rows [g·r·k, (g+1)·r·k), k rows H·k + [g·k, (g+1)·k) and v rows
+    (H+H_kv)·k + [g·k, (g+1)·k) of the blocked [Q | K | V] ``qkv_proj`` output."""
+    r, k = n_heads // n_kv_heads, head_dim
+    g = torch.arange(n_kv_heads)[:, None]
+    q = g * r * k + torch.arange(r * k)[None, :]
+    kk = n_heads * k + g * k + torch.arange(k)[None, :]
+    v = (n_heads + n_kv_heads) * k + g * k + torch.arange(k)[None, :]
+    return torch.cat([q, kk, v], dim=1)
+
+
+def convert(model: nn.Module) -> int:
+    """Replace every self-attention's ``qkv_proj`` / ``o_proj`` with HeadwiseLinear, n_units = H_kv (one unit per KV
+    group), ``layer`` = attention index in module order. Returns the number of layers converted now (0 if done)."""
+    converted = 0
+    for layer, (_, attn) in enumerate(_attention_modules(model)):
+        H, H_kv, k = _heads(model, attn)
+        layout = qkv_layout(H, H_kv, k)
+        changed = (
+            swap_in(attn, "qkv_proj",
+                    lambda old: HeadwiseLinear.from_linear(old, H_kv, "out", layout=layout, layer=layer)),
+            swap_in(attn, "o_proj", lambda old: HeadwiseLinear.from_linear(old, H_kv, "in", layer=layer)),
+        )
+        converted += any(changed)
+    return converted
+
+
+def objective(model: nn.Module) -> str:
+    """Decoder-only: always next-token prediction."""
+    return "causal_lm"
