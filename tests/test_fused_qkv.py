@@ -263,3 +263,88 @@ def test_frozen_unit_other_grads_unchanged(case):
             torch.testing.assert_close(p.grad, ref_params[pname].grad, atol=1e-6, rtol=0)
             n_other += 1
     assert n_hw > 0 and n_other > 0
+
+
+# -- a user's own fused QKV through make_headwise ----------------------------------------------------------------------
+class _FusedAttention(torch.nn.Module):
+    """A user's GQA attention with ONE fused QKV linear: ``blocked`` rows [Q | K | V] (GPT-2/Phi-3 style), or
+    ``interleaved`` per KV group [q heads of g | k_g | v_g] (Megatron-Core's ``linear_qkv``, GPT-NeoX)."""
+
+    def __init__(self, d: int, H: int, H_kv: int, layout: str):
+        super().__init__()
+        self.H, self.H_kv, self.k, self.layout = H, H_kv, d // H, layout
+        self.qkv = torch.nn.Linear(d, (H + 2 * H_kv) * self.k)
+        self.proj = torch.nn.Linear(H * self.k, d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H, G, k, r = self.H, self.H_kv, self.k, self.H // self.H_kv
+        y = self.qkv(x)
+        if self.layout == "blocked":
+            q, kk, v = y.split([H * k, G * k, G * k], dim=-1)
+            q, kk, v = q.view(B, T, H, k), kk.view(B, T, G, k), v.view(B, T, G, k)
+        else:
+            y = y.view(B, T, G, (r + 2) * k)
+            q, kk, v = y.split([r * k, k, k], dim=-1)
+            q = q.reshape(B, T, H, k)
+        kk, v = kk.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
+        att = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True)
+        return self.proj(att.transpose(1, 2).reshape(B, T, H * k))
+
+
+class _UserLM(torch.nn.Module):
+    def __init__(self, layout: str, V: int = 50, d: int = 16, H: int = 4, H_kv: int = 2, n_layer: int = 2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, d)
+        self.blocks = torch.nn.ModuleList(_FusedAttention(d, H, H_kv, layout) for _ in range(n_layer))
+        self.head = torch.nn.Linear(d, V)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_make_headwise_marks_a_users_fused_qkv(layout):
+    torch.manual_seed(0)
+    model = _UserLM(layout).eval()
+    ids = torch.randint(0, 50, (5, 8))
+    with torch.no_grad():
+        before = model(ids)
+    H, G, k = 4, 2, 4
+    for l in range(2):
+        blocks = {f"blocks.{l}.qkv": [H * k, G * k, G * k]} if layout == "blocked" else None
+        mat_ds.make_headwise(model, l, out_proj=[f"blocks.{l}.qkv"], in_proj=[f"blocks.{l}.proj"], n_units=G,
+                             blocks=blocks)
+    with torch.no_grad():
+        assert float((model(ids) - before).abs().max()) <= 1e-6
+    units = find_units(model)
+    assert [u.name for u in units.heads] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+
+    def fn(m, batch):  # per-sample mean next-token loss
+        logits = m(batch["input_ids"])[:, :-1]
+        tgt = batch["input_ids"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
+
+    batch = {"input_ids": ids}
+    lam = lambda_max(probe_units(model, units, batch, fn).head_grams)
+    ref = lambda_max(explicit_head_grams(model, units, batch, fn))
+    assert float(((lam - ref).abs() / ref).max()) < 1e-4
+    # blocked: KV group 1 owns its query heads' rows of Q and its own K and V rows
+    if layout == "blocked":
+        qkv = model.blocks[0].qkv
+        lay = qkv.unit_layout()
+        assert lay[1].tolist() == [*range(8, 16), *range(20, 24), *range(28, 32)]
+
+
+def test_make_headwise_blocks_are_checked():
+    model = _UserLM("blocked")
+    with pytest.raises(mat_ds.ConfigError, match="sum to 20"):
+        mat_ds.make_headwise(model, 0, out_proj=["blocks.0.qkv"], in_proj=["blocks.0.proj"], n_units=2,
+                             blocks={"blocks.0.qkv": [16, 2, 2]})
+    with pytest.raises(mat_ds.ConfigError, match="not in out_proj"):
+        mat_ds.make_headwise(model, 0, out_proj=[], in_proj=["blocks.0.proj"], n_units=2,
+                             blocks={"blocks.0.qkv": [16, 4, 4]})

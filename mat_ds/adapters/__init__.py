@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
 from ..core.config import ConfigError, MATConfig
-from ..core.headwise import HeadwiseLinear, headwise_layers, swap_in
+from ..core.headwise import HeadwiseLinear, blocked_layout, headwise_layers, swap_in
 from ..core.probe import hf_probe_fn
 
 FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama", "hf_neox", "hf_phi3")  # disjoint matches: order is free
@@ -122,16 +122,27 @@ def _replacements(before: dict, after: dict) -> dict:
 
 
 def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: list[str], n_units: int,
-                  kind: str = "heads") -> None:
+                  kind: str = "heads", blocks: Optional[dict[str, Sequence[int]]] = None) -> None:
     """Mark one transformer layer of YOUR model for MAT: convert its attention projections (``nn.Linear`` submodules
     named by their qualified names) in place. ``out_proj``: projections whose OUTPUT channels belong to units (Q, K, V;
     unit u = channels [u·k, (u+1)·k)); ``in_proj``: projections whose INPUT channels do (the output projection).
     ``n_units``: heads (or KV groups) of the layer. Call it for every layer before ``mat_ds.initialize``.
 
     ``kind="mlp"`` marks an MLP block instead: ``out_proj`` its up (and gate) projections, ``in_proj`` its down
-    projection, ``n_units`` groups of its hidden channels (select them with ``"modules": ["heads", "mlp"]``)."""
+    projection, ``n_units`` groups of its hidden channels (select them with ``"modules": ["heads", "mlp"]``).
+
+    Fused projections: a fused QKV whose rows are interleaved PER UNIT (Megatron-Core's ``linear_qkv``, rows
+    ``[groups, (r + 2)·k]``; GPT-NeoX's ``query_key_value``) needs nothing: unit u owns a contiguous block of rows. A
+    fused projection made of BLOCKS (``[Q | K | V]`` as in GPT-2 or Phi-3, or ``[gate | up]``) is named in ``blocks``
+    with its block widths, e.g. ``blocks={"attn.qkv": [H * k, H_kv * k, H_kv * k]}``: unit u owns part u of every
+    block (``headwise.blocked_layout``)."""
     if kind not in ("heads", "mlp"):
         raise ConfigError(f"make_headwise: kind={kind!r} is not one of 'heads', 'mlp'")
+    blocks = dict(blocks or {})
+    stray = sorted(set(blocks) - set(out_proj))
+    if stray:
+        raise ConfigError(f"make_headwise: blocks names {stray}, which are not in out_proj (only projections whose "
+                          f"output channels belong to units can be blocked)")
     for names, split in ((out_proj, "out"), (in_proj, "in")):
         for qual in names:
             parent_name, _, attr = qual.rpartition(".")
@@ -144,9 +155,16 @@ def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: li
                 continue
             if not isinstance(lin, nn.Linear):
                 raise ConfigError(f"make_headwise: {qual} is a {type(lin).__name__}, expected nn.Linear")
+            layout = None
             try:
-                swap_in(parent, attr,
-                        lambda old: HeadwiseLinear.from_linear(old, n_units, split, layer=layer, kind=kind))
+                if qual in blocks:
+                    widths = [int(w) for w in blocks[qual]]
+                    if sum(widths) != lin.out_features:
+                        raise ValueError(f"block widths {widths} sum to {sum(widths)}, the projection has "
+                                         f"{lin.out_features} outputs")
+                    layout = blocked_layout(widths, n_units)
+                swap_in(parent, attr, lambda old: HeadwiseLinear.from_linear(old, n_units, split, layout=layout,
+                                                                             layer=layer, kind=kind))
             except ValueError as exc:
                 raise ConfigError(f"make_headwise: {qual}: {exc}") from None
 

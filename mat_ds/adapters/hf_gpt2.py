@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear, swap_in
+from mat_ds.core.headwise import HeadwiseLinear, blocked_layout, swap_in
 
 from .mlp import convert_projections, layer_of
 
@@ -68,9 +68,7 @@ def matches(model: nn.Module) -> bool:
 
 def qkv_layout(d: int, n_heads: int) -> torch.Tensor:
     """[H, 3k]: head h owns channels h·k..(h+1)·k of each of the Q, K and V blocks of ``c_attn``'s output."""
-    k = d // n_heads
-    base = torch.arange(n_heads)[:, None] * k + torch.arange(k)[None, :]  # [H, k] within one block
-    return torch.cat([g * d + base for g in range(3)], dim=1)
+    return blocked_layout([d, d, d], n_heads)
 
 
 def _swap(parent: nn.Module, attr: str, n_units: int, split: str, layout, layer: int) -> bool:

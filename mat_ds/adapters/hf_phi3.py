@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear, swap_in
+from mat_ds.core.headwise import HeadwiseLinear, blocked_layout, swap_in
 
 
 def _dims(m: Optional[nn.Module]) -> Optional[tuple[int, int]]:
@@ -75,12 +75,7 @@ def _heads(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
 def qkv_layout(n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """[H_kv, (r+2)·k]: KV group g owns q rows [g·r·k, (g+1)·r·k), k rows H·k + [g·k, (g+1)·k) and v rows
     (H+H_kv)·k + [g·k, (g+1)·k) of the blocked [Q | K | V] ``qkv_proj`` output."""
-    r, k = n_heads // n_kv_heads, head_dim
-    g = torch.arange(n_kv_heads)[:, None]
-    q = g * r * k + torch.arange(r * k)[None, :]
-    kk = n_heads * k + g * k + torch.arange(k)[None, :]
-    v = (n_heads + n_kv_heads) * k + g * k + torch.arange(k)[None, :]
-    return torch.cat([q, kk, v], dim=1)
+    return blocked_layout([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], n_kv_heads)
 
 
 def convert(model: nn.Module) -> int:

@@ -50,6 +50,21 @@ def contiguous_layout(total: int, n_units: int) -> torch.Tensor:
     return torch.arange(total).view(n_units, total // n_units)
 
 
+def blocked_layout(widths: Sequence[int], n_units: int) -> torch.Tensor:
+    """[n_units, Σw/n_units] for a fused projection whose output is the concatenation of blocks of ``widths`` (e.g.
+    ``[Q | K | V]``): unit u owns part u of every block, i.e. channels start_b + [u·w_b/U, (u+1)·w_b/U) of each block
+    b. GPT-2's ``c_attn`` is ``[d, d, d]`` with U = H; Phi-3's ``qkv_proj`` ``[H·k, H_kv·k, H_kv·k]`` with U = H_kv.
+    (A layout interleaved per unit, like GPT-NeoX's or Megatron-Core's ``linear_qkv`` ``[groups, (r + 2)·k]``, is the
+    contiguous default.)"""
+    if any(w % n_units for w in widths):
+        raise ValueError(f"block widths {list(widths)} are not all divisible into {n_units} units")
+    parts, start = [], 0
+    for w in widths:
+        parts.append(start + contiguous_layout(w, n_units))
+        start += w
+    return torch.cat(parts, dim=1)
+
+
 class _UnitLayout:
     """Where each unit's channels sit among the layer's channels, worked out ONCE per layer so that a training step does
     no per-channel Python work: the layout as runs of consecutive channels that belong to one unit.
