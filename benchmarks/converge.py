@@ -75,7 +75,9 @@ SWEEP_OPTIONS = ("mat_logit_sum", "mat_layer", "mat_floor")  # their blocks: ben
 SWEEP_CONTROLS = ("rand_a0.05_b0",)
 # Probe-free fixed masks (benchmarks/methods.py): attention of every layer but the first frozen at the end of MAT's
 # warm-up, and all attention frozen there. What a λ-guided choice must beat (the α 0.05/β 0 cell kept layer 0's heads).
-MASK_CONTROLS = ("fixed_l0", "fixed_none")
+MASK_CONTROLS = ("fixed_l0", "fixed_none", "fixed_l0_mlp", "fixed_none_mlp")
+# Heads AND MLP units (4 groups per layer): the λ-guided cell that won on heads, with MLP units selected too
+MLP_CELLS = ("mat_a0.05_b0_mlp",)
 MARK_BEGIN, MARK_END = "<!-- converge:begin -->", "<!-- converge:end -->"
 
 
@@ -92,7 +94,8 @@ def cell_method(alpha: float, beta: float) -> str:
 def sweep_methods() -> list[str]:
     """The runs ``--sweep`` adds: every α/β cell except the default one (``mat``), the option runs, the controls."""
     cells = [cell_method(a, b) for a in SWEEP_ALPHAS for b in SWEEP_BETAS]
-    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(SWEEP_CONTROLS) + list(MASK_CONTROLS)
+    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(MLP_CELLS) + list(SWEEP_CONTROLS) \
+        + list(MASK_CONTROLS)
 
 
 def reference_of(method: str) -> str:
@@ -118,6 +121,7 @@ def converge_metrics(rows: list[dict], ref_rows: list[dict]) -> dict[str, float]
     train = [r for r in rows if "perf/flops_cumulative" in r]
     steps = float(train[-1]["trainer/step"]) if train else nan
     active = [(r["trainer/step"], r.get("mat/active_fraction", 1.0)) for r in train]
+    mlp = [r["mat/active_mlp_fraction"] for r in train if "mat/active_mlp_fraction" in r]
     quarters = []
     for k in range(4):  # mean active fraction in each quarter of the run's steps
         lo, hi = steps * k / 4, steps * (k + 1) / 4
@@ -139,6 +143,7 @@ def converge_metrics(rows: list[dict], ref_rows: list[dict]) -> dict[str, float]
         # fewer means the step cap stopped it first (the best may lie beyond it)
         "evals_after_best": float(np.isfinite(c["test"][i_best + 1:]).sum()),
         "active": float(np.mean([a for _, a in active])) if active else nan,
+        "active_mlp": float(np.mean(mlp)) if mlp else nan,  # MLP units' mean active share (runs with MLP units)
         **{f"active_q{k + 1}": v for k, v in enumerate(quarters)},
     }
 
@@ -425,6 +430,8 @@ def table(ps: dict, methods: list[str]) -> str:
         diff = agg["d_best_test"] if m != ref else None  # every seed in ps has its reference: paired by seed
         quarters = " / ".join("—" if agg[f"active_q{k}"].n == 0 else f"{agg[f'active_q{k}'].mean:.2f}"
                               for k in range(1, 5))
+        if "active_mlp" in agg and agg["active_mlp"].n:  # runs with MLP units: their mean share beside the heads'
+            quarters += f" (MLP units: {agg['active_mlp'].mean:.2f} mean)"
         lines.append(f"| {m} ({ref}) | {len(seeds)} | {_f(agg['best_test'])} | "
                      f"{'—' if diff is None else _f(diff)} | {_f(agg['reach_flops'], 2, 'not reached')} | "
                      f"{_f(agg['reach_seconds'], 2, 'not reached')} | {_f(agg['best_flops'], 2)} | "
@@ -442,7 +449,9 @@ def per_seed_lines(ps: dict, methods: list[str]) -> str:
             lines.append(f"| {m} | {s} | {f(v['best_test'])} | {v['best_step']:.0f} | {v['steps']:.0f} | "
                          f"{v['evals_after_best']:.0f} | "
                          f"{f(v['reach_flops'], 2) if np.isfinite(v['reach_flops']) else 'not reached'} | "
-                         f"{f(v['active'], 2)} |")
+                         f"{f(v['active'], 2)}"
+                         + (f" (MLP {f(v['active_mlp'], 2)})" if np.isfinite(v.get('active_mlp', np.nan)) else "")
+                         + " |")
     return "\n".join(lines)
 
 

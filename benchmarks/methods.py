@@ -7,7 +7,8 @@ chose; ``$raptr_schedule``: stages in thirds of full's length). The harnesses (`
 table, ``converge.py`` for the convergence regime, ``tune.py`` for the tuned baseline) only fill them in.
 
 Families of names are patterns: ``mat_a{α}_b{β}`` (an α/β cell), ``rand_a{α}_b{β}`` (random heads at that cell's
-active fraction), ``switch_full`` / ``switch_mat`` (the Switch-MoE model, same blocks as full / mat).
+active fraction), ``switch_full`` / ``switch_mat`` (the Switch-MoE model, same blocks as full / mat); a ``_mlp``
+suffix on a cell (``mat_a{α}_b{β}_mlp``) selects MLP units too (``MLP``: heads + 4 MLP groups per layer).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any, Optional
 _PROBED = {"warmup_steps": "$mat_warmup", "refresh_interval": "$refresh_interval", "probe_samples": "$probe_samples",
            "seed": "$seed", "log_heatmap_interval": 0}
 _MAT = {"policy": "mat", "alpha": "$alpha", "beta": "$beta", **_PROBED}
+# MLP units (issue "MLP blocks as MAT units"): each layer's MLP as 4 groups of its hidden channels, next to the heads
+MLP = {"modules": ["heads", "mlp"], "mlp_groups": 4}
 
 METHODS: dict[str, dict[str, Any]] = {
     "full": {"policy": "full"},
@@ -38,8 +41,14 @@ METHODS: dict[str, dict[str, Any]] = {
     # its trivial control, and "freeze all attention there" the floor of the per-step saving.
     "fixed_l0": {"policy": "fixed", "fixed_active_layers": [0], "warmup_steps": "$mat_warmup", "seed": "$seed"},
     "fixed_none": {"policy": "fixed", "fixed_active_layers": [], "warmup_steps": "$mat_warmup", "seed": "$seed"},
+    # their MLP analogues: the same layers' MLP units frozen too (MLP holds 2/3 of a layer's weights: the per-step
+    # saving heads alone cannot give)
+    "fixed_l0_mlp": {"policy": "fixed", "fixed_active_layers": [0], "warmup_steps": "$mat_warmup", "seed": "$seed",
+                     **MLP},
+    "fixed_none_mlp": {"policy": "fixed", "fixed_active_layers": [], "warmup_steps": "$mat_warmup", "seed": "$seed",
+                       **MLP},
 }
-_CELL = re.compile(r"(mat|rand)_a([0-9.]+)_b([0-9.]+)")
+_CELL = re.compile(r"(mat|rand)_a([0-9.]+)_b([0-9.]+)(_mlp)?")
 
 
 def template(method: str) -> dict[str, Any]:
@@ -49,8 +58,9 @@ def template(method: str) -> dict[str, Any]:
         return copy.deepcopy(METHODS[base])
     m = _CELL.fullmatch(method)
     if m and m.group(1) == "mat":
-        return {**copy.deepcopy(_MAT), "alpha": float(m.group(2)), "beta": float(m.group(3))}
-    if m:  # the control of a cell: random heads at the fraction that cell's MAT run chose
+        return {**copy.deepcopy(_MAT), "alpha": float(m.group(2)), "beta": float(m.group(3)),
+                **(copy.deepcopy(MLP) if m.group(4) else {})}
+    if m and not m.group(4):  # the control of a cell: random heads at the fraction that cell's MAT run chose
         return copy.deepcopy(METHODS["rand"])
     raise ValueError(f"unknown method {method!r}")
 
