@@ -494,3 +494,49 @@ def test_paper_preset_reproduces_the_recorded_pre_variant_decisions(warmup, reac
 def test_explicit_paper_keys_reproduce_the_recorded_pre_variant_decisions(i):
     kw, want = _EXPLICIT_RECORDED[i]
     assert _masks(MATConfig.from_dict({"warmup_steps": 20, "refresh_interval": 10, **kw, **_PAPER_NEW_KEYS})) == want
+
+
+# -- refresh back-off ---------------------------------------------------------------------------------------------------
+def _drive(cfg: MATConfig, lam_at, steps: int) -> list[int]:
+    """Run the policy's own refresh schedule for ``steps`` steps; the refresh steps it chose."""
+    pol = make_policy(cfg, 4)
+    refreshed = []
+    for step in range(steps):
+        if pol.is_refresh_step(step):
+            pol.update(step, lam_at(step))
+            refreshed.append(step)
+    return refreshed
+
+
+def test_refresh_backoff_doubles_while_decisions_hold_and_resets_when_they_change():
+    cfg = MATConfig(warmup_steps=10, refresh_interval=5, alpha=0.5, beta=0.0, refresh_backoff=2.0,
+                    refresh_interval_max=40)
+    stable = lambda step: torch.tensor([4.0, 3.0, 2.0, 1.0])  # noqa: E731  same decision at every refresh
+    # warm-up at the base interval; the first post-warm-up decision (10) changes the mask, then 15 repeats it
+    assert _drive(cfg, stable, 200) == [0, 5, 10, 15, 25, 45, 85, 125, 165]
+    # a changed decision resets the gap to refresh_interval
+    flip = lambda step: torch.tensor([4.0, 3.0, 2.0, 1.0]) if step < 45 else torch.tensor([1.0, 2.0, 3.0, 4.0])  # noqa
+    assert _drive(cfg, flip, 100) == [0, 5, 10, 15, 25, 45, 50, 60, 80]
+    # off (1.0): the fixed schedule, as before
+    plain = MATConfig(warmup_steps=10, refresh_interval=5, alpha=0.5, beta=0.0)
+    assert _drive(plain, stable, 30) == [0, 5, 10, 15, 20, 25]
+
+
+def test_refresh_backoff_state_roundtrip_and_checks():
+    cfg = MATConfig(warmup_steps=0, refresh_interval=5, alpha=0.5, beta=0.0, refresh_backoff=3.0)
+    assert cfg.refresh_interval_max == 40
+    a = make_policy(cfg, 4)
+    lam = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    for step in (0, 5, 20):
+        a.update(step, lam)
+    b = make_policy(cfg, 4)
+    b.load_state_dict(a.state_dict())
+    assert (b.gap, b.next_refresh) == (a.gap, a.next_refresh) == (40, 60)
+    with pytest.raises(ConfigError, match="refresh_backoff"):
+        MATConfig(refresh_backoff=0.5)
+    with pytest.raises(ConfigError, match="refresh_backoff"):
+        MATConfig(policy="rand", rand_active_fraction=0.5, refresh_backoff=2.0)
+    with pytest.raises(ConfigError, match="refresh_interval_max"):
+        MATConfig(refresh_interval_max=100)
+    with pytest.raises(ConfigError, match="refresh_interval_max"):
+        MATConfig(refresh_interval=10, refresh_backoff=2.0, refresh_interval_max=5)

@@ -123,6 +123,14 @@ class MATConfig:
                                   + _d("beta"), default=None)
     warmup_steps: int = _help("Optimizer steps of full training before any head is frozen.", default=50)
     refresh_interval: int = _help("Optimizer steps between λmax refreshes (and policy decisions).", default=25)
+    refresh_backoff: float = _help(
+        "Policy 'mat' only: after warm-up, a refresh whose frozen set equals the previous refresh's multiplies the "
+        "gap to the next one by this factor (rounded, at most refresh_interval_max); a changed decision resets it to "
+        "refresh_interval. 1 = every refresh_interval steps (the paper). >= 1. With a temporal rule (beta > 0), Δ_t "
+        "then spans the longer gap.", default=1.0)
+    refresh_interval_max: Optional[int] = _help(
+        "With refresh_backoff > 1: the longest gap between refreshes (optimizer steps); default 8·refresh_interval.",
+        default=None)
     probe_samples: int = _help("n, the number of probe sequences for the n×n mNTK Gram (>= 2).", default=16)
     probe_output: str = _help("Scalar per-sample output f_i for the mNTK: 'loss' (mean cross-entropy over the "
                               "sample's targets), 'logit_projection' (<r_t, logits_t>, fixed random unit r_t) or "
@@ -224,6 +232,18 @@ class MATConfig:
             _check_unit("mat.beta", self.beta)
         _check_int("mat.warmup_steps", self.warmup_steps, 0)
         _check_int("mat.refresh_interval", self.refresh_interval, 1)
+        _check(isinstance(self.refresh_backoff, (int, float)) and not isinstance(self.refresh_backoff, bool)
+               and math.isfinite(self.refresh_backoff) and self.refresh_backoff >= 1,
+               f"mat.refresh_backoff={self.refresh_backoff!r} must be a number >= 1")
+        if self.refresh_backoff > 1:
+            _check(self.policy == "mat", f"mat.refresh_backoff is only used with mat.policy='mat' (got "
+                                         f"{self.policy!r}); remove it")
+            if self.refresh_interval_max is None:
+                self.refresh_interval_max = 8 * self.refresh_interval
+            _check_int("mat.refresh_interval_max", self.refresh_interval_max, self.refresh_interval)
+        else:
+            _check(self.refresh_interval_max is None, "mat.refresh_interval_max is only used with mat.refresh_backoff "
+                                                      "> 1; remove it")
         _check_int("mat.probe_samples", self.probe_samples, 2)
         _check_int("mat.seed", self.seed, 0)
         _check_int("mat.log_heatmap_interval", self.log_heatmap_interval, 0)
@@ -323,6 +343,7 @@ class MATConfig:
         keys = ["policy", "preset", "alpha", "beta", "selection", "selection_score", "active_budget", "hysteresis",
                 "threshold_scope", "min_active_fraction", "probe_normalize", "temporal_change", "temporal_reference",
                 "temporal_patience", "early_stop", "reactivate", "warmup_steps", "refresh_interval",
+                "refresh_interval_max",
                 "fixed_active_layers", "rand_active_fraction", "modules"]
         if "mlp" in self.modules:
             keys.append("mlp_groups")

@@ -159,12 +159,15 @@ class MATController:
         # One policy per unit kind: λmax scales differ between heads, MLP units and experts, so each has its own
         # threshold. RaPTr selects layers, not units: only its head policy (which carries the layer path) runs.
         self.policies: dict[str, Policy] = {}
+        self.selecting: list[str] = []  # the kinds whose policy decides (and schedules refreshes)
         for kind in KINDS:
             n = len(units.of_kind(kind))
             selects = kind in cfg.modules and n > 0 and not (kind != "heads" and cfg.policy == "raptr")
             groups = [u.layer for u in units.of_kind(kind)]
             self.policies[kind] = (make_policy(cfg, n, self.n_layers, groups) if selects
                                    else Policy(cfg, n, self.n_layers, groups))
+            if selects:
+                self.selecting.append(kind)
         self.skipped = torch.zeros(self.n_layers, dtype=torch.bool)
         self.probe = ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module)) if cfg.needs_probe else None
         if self.probe is not None and self.probe.ready:
@@ -218,7 +221,7 @@ class MATController:
     def is_refresh_step(self, step: int) -> bool:
         if self.probe is not None and not self.probe.ready:
             return False  # nothing to measure yet (see probe.ProbeSet): keep training everything
-        return any(p.is_refresh_step(step) for p in self.policies.values())
+        return any(self.policies[kind].is_refresh_step(step) for kind in self.selecting)
 
     # -- one refresh -----------------------------------------------------------------------------------------------
     def refresh(self, step: int) -> dict:

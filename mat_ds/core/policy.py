@@ -92,6 +92,10 @@ class Policy:
 
 
 class MATPolicy(Policy):
+    """The paper's rule with the opt-in variants of the module docstring. With ``refresh_backoff`` > 1 the refresh
+    schedule adapts: after warm-up, each refresh whose decision repeats the previous one lengthens the gap to the next
+    (×backoff, at most ``refresh_interval_max``); a changed decision resets it to ``refresh_interval``."""
+
     name = "mat"
 
     def __init__(self, cfg: MATConfig, n_modules: int, n_layers: int = 1, groups: Optional[list[int]] = None):
@@ -103,6 +107,25 @@ class MATPolicy(Policy):
         self.ratio: Optional[torch.Tensor] = None  # the temporal change at the last refresh (Δ_t/Δ_ref or relative)
         self.below = torch.zeros(n_modules, dtype=torch.long)  # consecutive measured refreshes with change < β
         self.stopped = torch.zeros(n_modules, dtype=torch.bool)  # early_stop: stopped by the temporal rule for good
+        self.gap = cfg.refresh_interval  # refresh_backoff: steps from the last refresh to the next
+        self.next_refresh = 0
+
+    def is_refresh_step(self, step: int) -> bool:
+        if self.cfg.refresh_backoff <= 1:
+            return super().is_refresh_step(step)
+        return self.cfg.freezes and step >= self.next_refresh
+
+    def update(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        before = self.frozen.clone()
+        frozen = super().update(step, lam)
+        cfg = self.cfg
+        if cfg.refresh_backoff > 1:
+            same = step > cfg.warmup_steps and bool(torch.equal(before, frozen)) and \
+                any(s >= cfg.warmup_steps for s, _ in self.history[:-1])
+            self.gap = min(max(round(self.gap * cfg.refresh_backoff), self.gap + 1), cfg.refresh_interval_max) \
+                if same else cfg.refresh_interval
+            self.next_refresh = step + self.gap
+        return frozen
 
     def _decide(self, step: int, lam: Optional[torch.Tensor]) -> torch.Tensor:
         if lam is None:
@@ -214,7 +237,8 @@ class MATPolicy(Policy):
         out.update(prev=None if self.prev is None else self.prev.tolist(),
                    delta1=None if self.delta1 is None else self.delta1.tolist(),
                    ratio=None if self.ratio is None else self.ratio.tolist(),
-                   below=self.below.tolist(), stopped=self.stopped.tolist())
+                   below=self.below.tolist(), stopped=self.stopped.tolist(), gap=self.gap,
+                   next_refresh=self.next_refresh)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -228,6 +252,8 @@ class MATPolicy(Policy):
             else torch.tensor(below, dtype=torch.long)
         self.stopped = torch.zeros(self.n_modules, dtype=torch.bool) if stopped is None \
             else torch.tensor(stopped, dtype=torch.bool)
+        self.gap = int(state.get("gap", self.cfg.refresh_interval))  # before refresh_backoff: the fixed interval
+        self.next_refresh = int(state.get("next_refresh", 0))
 
 
 class FixedPolicy(Policy):
