@@ -78,6 +78,9 @@ SWEEP_CONTROLS = ("rand_a0.05_b0",)
 MASK_CONTROLS = ("fixed_l0", "fixed_none", "fixed_l0_mlp", "fixed_none_mlp")
 # Heads AND MLP units (4 groups per layer): the λ-guided cell that won on heads, with MLP units selected too
 MLP_CELLS = ("mat_a0.05_b0_mlp",)
+# Scale-free selection: top quarter by within-layer z of log λ, and its random control at the same share
+SCALE_FREE = ("mat_z_k25",)
+SCALE_FREE_CONTROLS = ("rand_k25",)
 MARK_BEGIN, MARK_END = "<!-- converge:begin -->", "<!-- converge:end -->"
 
 
@@ -94,8 +97,8 @@ def cell_method(alpha: float, beta: float) -> str:
 def sweep_methods() -> list[str]:
     """The runs ``--sweep`` adds: every α/β cell except the default one (``mat``), the option runs, the controls."""
     cells = [cell_method(a, b) for a in SWEEP_ALPHAS for b in SWEEP_BETAS]
-    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(MLP_CELLS) + list(SWEEP_CONTROLS) \
-        + list(MASK_CONTROLS)
+    return [m for m in cells if m != "mat"] + list(SWEEP_OPTIONS) + list(MLP_CELLS) + list(SCALE_FREE) \
+        + list(SWEEP_CONTROLS) + list(SCALE_FREE_CONTROLS) + list(MASK_CONTROLS)
 
 
 def reference_of(method: str) -> str:
@@ -223,7 +226,7 @@ def depends_on(method: str) -> list[str]:
     """The runs of the same seed a method reads a setting from (they must finish first)."""
     if method in SWEEP_CONTROLS:  # rand_a{α}_b{β}: the MAT cell it draws its active fraction from
         return ["mat" + method[len("rand"):]]
-    return {"rand": ["mat"], "raptr": ["full"]}.get(method, [])
+    return {"rand": ["mat"], "raptr": ["full"], "rand_k25": ["mat_z_k25"]}.get(method, [])
 
 
 def run_pool(tasks: list[tuple[int, str]], run_one: Callable[[int, str], None], done: Callable[[int, str], bool],
@@ -282,7 +285,7 @@ def run_all(args, scale: pt.Scale, out: Path) -> list[str]:
             pass
         elif method == "raptr":  # judged from its last (full-depth) stage, not stopped on an earlier stage's plateau
             flags += ["--patience_from", str(cfg["mat"]["raptr_schedule"][-1][0])]
-        elif method == "rand" or method in SWEEP_CONTROLS:
+        elif method == "rand" or method in SWEEP_CONTROLS or method in SCALE_FREE_CONTROLS:
             flags += ["--patience_from", str(control_patience_from(out, seed, method))]
         # the final checkpoint is kept: a later invocation with a larger --steps cap continues a run that the cap
         # stopped before its test loss bottomed out, instead of starting it again
@@ -360,7 +363,7 @@ def plot_test_vs_flops(runs: dict, methods: list[str], path: Path) -> Path:
             ax.plot(c["flops"][i], c["test"][i], "o", color=color, ms=4)
             first = False
     ax.set_xlabel("cumulative FLOPs (training + mNTK probe)")
-    ax.set_ylabel("test loss (WikiText-2 test.txt)")
+    ax.set_ylabel("test loss (the test split)")
     ax.set_title("Convergence regime: test loss until past each run's best (dot)")
     return plots.save(fig, path, ax)
 
@@ -458,7 +461,7 @@ def per_seed_lines(ps: dict, methods: list[str]) -> str:
 def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
     """The sweep cell (or option) with the lowest mean paired difference vs full in best test loss (ranking by the
     mean best test loss would favour a cell run only on the seed where full did best), with that difference."""
-    controls = (*SWEEP_CONTROLS, *MASK_CONTROLS)
+    controls = (*SWEEP_CONTROLS, *SCALE_FREE_CONTROLS, *MASK_CONTROLS)
     cands = [m for m in sweep_methods() + ["mat"] if m in ps and m not in controls]  # a control is no cell
     if not cands:
         return None
@@ -470,7 +473,8 @@ def best_cell(ps: dict) -> Optional[tuple[str, "pt.Agg", "pt.Agg"]]:
 def reading(ps: dict) -> list[str]:
     """Plain sentences generated from the numbers (no judgement is typed in by hand)."""
     out = []
-    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS, *SWEEP_CONTROLS, *MASK_CONTROLS):
+    for m in ("mat", "rand", "multirate", "raptr", "switch_mat", *SWEEP_OPTIONS, *MLP_CELLS, *SCALE_FREE,
+              *SWEEP_CONTROLS, *SCALE_FREE_CONTROLS, *MASK_CONTROLS):
         ref = reference_of(m)
         if m not in ps:
             continue

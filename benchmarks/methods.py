@@ -36,6 +36,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "mat_logit_sum": {**_MAT, "probe_output": "logit_sum"},
     "mat_layer": {**_MAT, "threshold_scope": "layer"},
     "mat_floor": {**_MAT, "min_active_fraction": 0.25},
+    # scale-free λ selection (issue "MAT that earns its keep", item 2): the z-score of log λ within each layer, the top
+    # quarter of units by it (about one head per layer here), hysteresis 0.5 z against flicker, no temporal rule; and
+    # its control: random heads at the same share, redrawn every refresh (the paper's MAT-Rand at a fixed budget)
+    "mat_z_k25": {"policy": "mat", "beta": 0.0, "selection": "top_k", "active_budget": 0.25,
+                  "selection_score": "layer_z", "hysteresis": 0.5, **_PROBED},
+    "rand_k25": {"policy": "rand", "rand_active_fraction": 0.25, "warmup_steps": "$mat_warmup",
+                 "refresh_interval": "$refresh_interval", "seed": "$seed"},
     # probe-free fixed masks (no λ at all): what a λ-guided choice must beat. The winning α 0.05/β 0 cell trained
     # layer 0's heads all the time and little else, so "freeze the attention of layers 1.. at the end of warm-up" is
     # its trivial control, and "freeze all attention there" the floor of the per-step saving.
