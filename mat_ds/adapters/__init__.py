@@ -51,15 +51,19 @@ class Conversion:
 
     family: Optional[str]  # None: nothing recognised (user-made head-wise layers and/or MoE experts only)
     replaced: dict = field(default_factory=dict)  # id(old param) -> [new params]
+    # ids of head-wise parameters that tensor parallelism placed on OTHER ranks (core/tensor_parallel.py): dropped
+    # from parameter lists, which may name them (a list taken after conversion, or a remapped one)
+    dropped: set = field(default_factory=set)
 
     def remap(self, model_parameters):
-        """Replace the unconverted model's parameters by their head-wise pieces, in lists or param-group dicts."""
-        if not self.replaced:
+        """Replace the unconverted model's parameters by their head-wise pieces (this rank's, under tensor
+        parallelism), in lists or param-group dicts."""
+        if not self.replaced and not self.dropped:
             return model_parameters
         items = list(model_parameters)
 
         def swap(params: Iterable) -> list:
-            return [q for p in params for q in self.replaced.get(id(p), [p])]
+            return [q for p in params for q in self.replaced.get(id(p), [p]) if id(q) not in self.dropped]
 
         if items and isinstance(items[0], dict):
             return [{**g, "params": swap(g["params"])} for g in items]
@@ -72,6 +76,11 @@ class Conversion:
             raise ConfigError(f"mat_ds does not know the training objective of {type(model).__name__}: pass "
                               f"probe_fn=(model, batch) -> per-sample scalar [n] to mat_ds.initialize")
         return hf_probe_fn(_family(self.family).objective(model), cfg.probe_output, cfg.seed)
+
+    def tensor_parallel_kinds(self) -> tuple:
+        """The unit kinds whose modules run on a TP rank's share of the units, as the family's adapter declares
+        (``TENSOR_PARALLEL``: its forward reads head counts from the projection shapes, not the config); ()."""
+        return tuple(getattr(_family(self.family), "TENSOR_PARALLEL", ())) if self.family is not None else ()
 
     def layer_path(self, model: nn.Module):
         if self.family == "own":

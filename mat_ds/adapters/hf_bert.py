@@ -34,6 +34,12 @@ from .mlp import convert_projections, layer_of
 
 QKV = ("query", "key", "value")
 
+# Tensor parallelism (mat_ds/core/tensor_parallel.py): BertSelfAttention's forward views q/k/v as (-1, head_size)
+# and reshapes the context to (-1), so a TP rank's attention runs unchanged on its heads. MLP units are not offered
+# under TP: BERT has no HF tp_plan, and DeepSpeed's heuristic layer parser (module_inject/auto_tp.py ``tp_parser``)
+# asserts when a layer keeps no nn.Linear for it to shard, which is what converting the MLP too leaves.
+TENSOR_PARALLEL = ("heads",)
+
 
 def _is_proj(m: Optional[nn.Module]) -> bool:
     # A converted projection still counts, so matches()/layer numbering stay stable across repeated convert() calls.

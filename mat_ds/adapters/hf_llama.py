@@ -42,6 +42,12 @@ from .mlp import convert_projections, layer_of
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# Tensor parallelism (mat_ds/core/tensor_parallel.py): a TP rank's attention holds KV groups [r·H_kv/tp, ...) and
+# runs unchanged on them: the forward views q/k/v as (-1, head_dim) and takes num_key_value_groups = H / H_kv (the
+# same on every rank), so nothing in the module must be told its local head count; the MLP (act(gate)·up, then down)
+# is element-wise in its hidden channels, so MLP units shard the same way. (The unit kinds offered under TP.)
+TENSOR_PARALLEL = ("heads", "mlp")
+
 
 def _is_proj(m: Optional[nn.Module]) -> bool:
     # Converted projections still count: matches() and the layer numbering stay stable across convert() calls.

@@ -36,6 +36,8 @@ from .freezing import FreezeController
 from .mntk import probe_units
 from .policy import Policy, make_policy
 from .probe import ProbeSet
+from .tensor_parallel import check_tensor_parallel, shard_model, sharded_tp_size
+from .topology import Topology, autotp_size, ensure_tp_groups
 from .units import KINDS, ModelUnits, Unit, find_units
 
 CLIENT_KEY = "mat"
@@ -93,6 +95,15 @@ def prepare_model(model: torch.nn.Module, ds_config: Optional[dict], mat: MATCon
             f"attention with mat_ds.make_headwise(model, layer=..., out_proj=[...], in_proj=[...], n_units=...) before "
             f"mat_ds.initialize (README: 'Your own model')")
     check_supported(ds_config, mat, units)
+    tp = autotp_size(ds_config)
+    if tp > 1:
+        # AutoTP will shard the nn.Linear layers inside deepspeed.initialize; the head-wise ones are ours to shard,
+        # now, before DeepSpeed's optimizer sees them (core/tensor_parallel.py says why).
+        stage = int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
+        check_tensor_parallel(model, tp, stage, bool(units.experts), conversion.tensor_parallel_kinds(),
+                              conversion.family)
+        group, tp_rank, tp_size = ensure_tp_groups(tp)
+        conversion.dropped |= shard_model(model, tp_rank, tp_size, group)
     return conversion
 
 
@@ -141,8 +152,13 @@ class MATController:
     def __init__(self, engine, cfg: MATConfig, units: ModelUnits, probe_fn: Optional[Callable],
                  probe_batch: Optional[dict], layer_path=None):
         self.engine, self.cfg, self.units = engine, cfg, units
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.topology = Topology.from_engine(engine)  # THE layout (ranks, DP/TP groups, ZeRO stage), read once
+        self.rank, self.world = self.topology.rank, self.topology.world
+        sharded = sharded_tp_size(engine.module)
+        if sharded != self.topology.tp_size:
+            raise ConfigError(f"the model's head-wise layers are sharded for tensor parallelism {sharded} but the "
+                              f"engine runs tensor_parallel.autotp_size={self.topology.tp_size}: build it with "
+                              f"mat_ds.initialize (or prepare_model with the same DeepSpeed config)")
         self.probe_fn = probe_fn
         cfg.check_model(len(units.attention_layers) or 1, layers=sorted({u.layer for u in units.all()}))
         if self.rank == 0:  # the rule this run decides with (after preset and DEFAULTS), once
@@ -169,7 +185,8 @@ class MATController:
             if selects:
                 self.selecting.append(kind)
         self.skipped = torch.zeros(self.n_layers, dtype=torch.bool)
-        self.probe = ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module)) if cfg.needs_probe else None
+        self.probe = (ProbeSet(cfg.probe_samples, probe_batch, _forward_of(engine.module), group=self.topology.dp_group)
+                      if cfg.needs_probe else None)
         if self.probe is not None and self.probe.ready:
             self._check_probe_fits()
         self.refresh_seconds_total = 0.0
@@ -235,7 +252,8 @@ class MATController:
             want_mlp = "mlp" in self.cfg.modules and bool(self.units.mlp)
             result = probe_units(self.engine.module, self.units, self.probe.on(device), self.probe_fn,
                                  experts=want_experts, gram=self.cfg.probe_gram,
-                                 memory_limit_bytes=self.cfg.probe_memory_mb << 20, mlp=want_mlp)
+                                 memory_limit_bytes=self.cfg.probe_memory_mb << 20, mlp=want_mlp,
+                                 topology=self.topology)
             if self.engine.zero_optimization_stage() == 3:
                 self.engine.empty_partition_cache()  # the probe's backward stops early: release what it gathered
             self.last_probe = result
@@ -297,7 +315,7 @@ class MATController:
         out = dict(self._pending)
         self._pending = {}
         out.update({"mat/active_fraction": 1.0 - float(heads.float().mean()) if heads.numel() else 1.0,
-                    "mat/frozen_params": self.freezer.frozen_numel(),
+                    "mat/frozen_params": self._frozen_numel(),
                     "mat/refresh_seconds_total": self.refresh_seconds_total})
         if self.layer_path is not None:
             out["mat/skipped_layers"] = int(self.skipped.sum())
@@ -309,6 +327,14 @@ class MATController:
             out.update({"mat/active_experts": int((~experts).sum()),
                         "mat/active_expert_fraction": float((~experts).float().mean())})
         return out
+
+    def _frozen_numel(self) -> int:
+        """Frozen parameters of the whole model. Under tensor parallelism a rank holds only its units, but all units
+        of a (kind, layer) have the same size, and every TP rank holds some of each layer's: count from those."""
+        if not self.topology.tensor_parallel:
+            return self.freezer.frozen_numel()
+        size = {(u.kind, u.layer): sum(p.numel() for p in u.params) for u in self.units.all() if u.params}
+        return sum(size[(u.kind, u.layer)] for u in self.frozen_units())
 
     def _write_monitor(self) -> None:
         monitor = getattr(self.engine, "monitor", None)

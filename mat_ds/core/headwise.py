@@ -238,6 +238,9 @@ class HeadwiseLinear(nn.Module):
         self.d_in, self.d_out, self.n_units, self.split = d_in, d_out, n_units, split
         self.split_dim = 0 if split == "out" else 1
         self.layer, self.kind = layer, kind
+        # Under tensor parallelism a rank holds units [unit_offset, unit_offset + n_units) of the layer's
+        # units_total (mat_ds/core/tensor_parallel.py); without it, all of them.
+        self.unit_offset, self.units_total = 0, n_units
         k = total // n_units
         # Buffers would be moved/cast by .to() and end up in state_dicts; these are index bookkeeping only.
         self.layout: Optional[torch.Tensor] = layout

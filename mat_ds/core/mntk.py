@@ -227,7 +227,7 @@ class UnitProbe:
 
 def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: ProbeFn, group=None,
                 split: str = "auto", experts: bool = False, gram: str = "auto",
-                memory_limit_bytes: int = 2 << 30, mlp: bool = False) -> UnitProbe:
+                memory_limit_bytes: int = 2 << 30, mlp: bool = False, topology=None) -> UnitProbe:
     """Θ for every attention unit (with ``mlp``, every MLP unit; with ``experts``, every MoE expert) plus the refresh's
     communication and work, from ONE probe forward and ONE activation backward (see the module docstring). MLP units
     are head-wise linears like attention units, so they take exactly the same path (materialised or ghost form, layer
@@ -241,6 +241,12 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     ``"ghost"`` (activation Grams, ``ghost.py``) or ``"auto"`` (per layer by ``ghost.choose``'s cost model within
     ``memory_limit_bytes``). A ghost layer is computed whole by rank ``layer mod world`` (also under ZeRO-3: it needs
     activations only).
+
+    ``topology`` (``core.topology.Topology``) matters under tensor parallelism: each TP rank holds only its units
+    (``core/tensor_parallel.py``), so the "layer" split runs over the data-parallel replicas (rank ``dp_rank`` of
+    each replica's TP ranks handles layers l ≡ dp_rank mod dp_size, for the units it holds) and the one all-reduce
+    is over the world: a unit's rows come from exactly one rank (its TP rank, in the replica its layer falls to),
+    every other rank adds zeros, and every rank ends with the whole table.
     """
     if experts and group is not None:
         raise ValueError("experts=True reduces over the world group; do not pass a sub-group")
@@ -248,6 +254,11 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
+    reduce_world = world  # the all-reduce's size; `rank`/`world` below are the work split's
+    if topology is not None and topology.tensor_parallel:
+        if group is not None or experts:
+            raise ValueError("under tensor parallelism the probe reduces over the world and measures no experts")
+        rank, world = topology.dp_rank, topology.dp_size
     split = resolve_split(units, split)
     kinds = ["heads"] + (["mlp"] if mlp and units.mlp else [])
     layers = [m for kind in kinds for mods in units.layers_of(kind).values() for m in mods]
@@ -291,14 +302,14 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
         first = start
         for layer in sorted(by_layer):
             offset[(kind, layer)] = start
-            start += by_layer[layer][0].n_units
+            start += by_layer[layer][0].units_total  # all TP ranks' units: the table is global
         n_kind[kind] = start - first
     device = batch["input_ids"].device
     grams = torch.zeros(start, n, n, dtype=torch.float32, device=device)
     done = total = 0
     for (module, x, _), dy in zip(records, grads):
         layer, U = int(module.layer), module.n_units
-        base = offset[(getattr(module, "kind", "heads"), layer)]
+        base = offset[(getattr(module, "kind", "heads"), layer)] + module.unit_offset  # this rank's first unit
         rows, cols = unit_param_shape(module)
         total += n * U * rows * cols
         if dy is None:  # this output does not reach f (cannot happen for a connected model): Θ contribution 0
@@ -318,7 +329,7 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
         if module.has_unit_bias and layer % world == rank:
             grams[sl] += unit_bias_gram(dy, module)
     sent = 0
-    if world > 1:  # ONE all-reduce for attention units and experts
+    if reduce_world > 1:  # ONE all-reduce for attention units and experts
         flat = torch.cat([grams.flatten()] + ([egrams.flatten().to(device)] if egrams is not None else []))
         dist.all_reduce(flat, group=group)
         sent = flat.numel() * flat.element_size()

@@ -3,11 +3,11 @@
 Probe set (``ProbeSet``). Either the user passes one batch (``mat_ds.initialize(..., probe_batch=batch)``, a dict of
 tensors with n rows, the same on every rank), or — no extra plumbing — the engine keeps the first
 ``mat.probe_samples`` samples it is trained on: at the first training forward of each optimizer step until the set
-is full, each rank's micro-batch is gathered to all ranks (rank order) and appended. So λmax at step 0 needs
-``probe_samples <= world_size × micro_batch``; otherwise the first measurement is at the first refresh step after the
-set is full (and nothing is frozen before it). Micro-batches of different lengths are right-padded (``labels`` with
--100, everything else with 0, which HF reads as "masked" for ``attention_mask``). The set travels in checkpoints, so a
-resumed run measures on the same samples.
+is full, each data-parallel replica's micro-batch is gathered to all ranks (rank order) and appended. So λmax at
+step 0 needs ``probe_samples <= dp_size × micro_batch`` (dp_size = world_size without tensor parallelism); otherwise
+the first measurement is at the first refresh step after the set is full (and nothing is frozen before it).
+Micro-batches of different lengths are right-padded (``labels`` with -100, everything else with 0, which HF reads as
+"masked" for ``attention_mask``). The set travels in checkpoints, so a resumed run measures on the same samples.
 
 Scalar output (``mat.probe_output``) in Hugging Face's conventions, from logits and ``labels`` (-100 = not a target):
 
@@ -103,8 +103,12 @@ def _concat(batches: list[dict], n: int) -> dict:
 class ProbeSet:
     """n fixed probe samples: given, or captured from the first training batches (see the module docstring)."""
 
-    def __init__(self, n: int, batch: Optional[dict] = None, forward: Optional[Callable] = None):
+    def __init__(self, n: int, batch: Optional[dict] = None, forward: Optional[Callable] = None, group=None):
         self.n = n
+        # Whose micro-batches make up the set: the data-parallel group (None: the world). Under tensor parallelism
+        # the TP ranks of a replica see the same samples, so gathering over the world would repeat each of them
+        # tp times; over the DP group every rank ends with the same set (core/topology.py).
+        self.group = group
         self._parts: list[dict] = []
         self._have = 0
         self.batch: Optional[dict] = None
@@ -144,9 +148,9 @@ class ProbeSet:
         if self.ready:
             return
         mine = self._as_batch(args, kwargs)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            gathered: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(gathered, mine, group=self.group)
         else:
             gathered = [mine]
         for part in gathered:

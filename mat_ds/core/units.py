@@ -17,8 +17,8 @@ A model is MAT-ready when it contains
 
 Unit order (the index every policy mask, Gram tensor and checkpoint uses) is per kind, and the kinds come in the order
 of ``KINDS``: attention units by (layer, u), MLP units by (layer, g), then experts by (MoE layer in module order, global expert id): deepspeed.moe layers first, then protocol experts
-modules. A unit's ``params`` are what THIS rank holds: an expert that another expert-parallel rank holds has
-``params == []``.
+modules. A unit's ``params`` are what THIS rank holds: an expert that another expert-parallel rank holds, or a head
+that another tensor-parallel rank holds (``mat_ds/core/tensor_parallel.py``), has ``params == []``.
 """
 from __future__ import annotations
 
@@ -78,13 +78,21 @@ def _headwise_units(kind: str, by_layer: dict[int, list[HeadwiseLinear]]) -> lis
     out: list[Unit] = []
     for layer in sorted(by_layer):
         mods = by_layer[layer]
-        counts = {m.n_units for m in mods}
+        counts = {m.units_total for m in mods}
         if len(counts) != 1:
             what = "head" if kind == "heads" else "MLP group"
             raise ConfigError(f"layer {layer}: its {kind} head-wise linears have different unit counts "
                               f"{sorted(counts)}; unit u must mean the same {what} in every projection of a layer")
-        for u in range(mods[0].n_units):
-            out.append(Unit(kind, layer, u, [p for m in mods for p in m.unit_params(u)]))
+        # Tensor parallelism (core/tensor_parallel.py): this rank holds units [offset, offset + n) of every projection
+        # of the layer; the others are units of this rank's table too, with params == [] (held by other TP ranks).
+        local = {(m.unit_offset, m.n_units) for m in mods}
+        if len(local) != 1:
+            raise ConfigError(f"layer {layer}: its {kind} head-wise linears are sharded differently over "
+                              f"tensor-parallel ranks {sorted(local)}; shard every projection of a layer alike")
+        offset, n = local.pop()
+        for u in range(counts.pop()):
+            params = [p for m in mods for p in m.unit_params(u - offset)] if offset <= u < offset + n else []
+            out.append(Unit(kind, layer, u, params))
     return out
 
 

@@ -1,0 +1,204 @@
+"""MAT under DeepSpeed AutoTP training: the head-wise layers, sharded Megatron-style over the tensor-parallel group.
+
+A user adds ``"tensor_parallel": {"autotp_size": tp}`` to the DeepSpeed JSON and nothing else. Inside
+``deepspeed.initialize`` AutoTP replaces ``nn.Linear`` layers by its column-parallel ``LinearLayer`` and row-parallel
+``LinearAllreduce`` (``module_inject/layers.py``), but mat_ds has already turned the attention projections into
+``HeadwiseLinear`` (so the optimizer DeepSpeed builds in the same call sees one parameter per unit), which AutoTP does
+not recognise: left alone they would stay whole on every rank (attention replicated, MLP sharded). So mat_ds shards
+them itself, before ``deepspeed.initialize``, on the groups the engine will use (``topology.ensure_tp_groups``):
+
+* unit u of a layer (a head, a KV group, an MLP group) lives on TP rank ``u // (U / tp)``: contiguous blocks, the
+  split Megatron-Core and AutoTP make (rank r holds heads / KV groups ``[r·U/tp, (r+1)·U/tp)``). A rank's module
+  keeps its units' parameter OBJECTS (``w{j}`` = the full layer's ``w{r·U/tp + j}``), so a parameter list taken
+  before sharding still names the right tensors; ``unit_offset`` / ``units_total`` say where they sit globally;
+* split ``"out"`` (Q/K/V, MLP up/gate) is column-parallel: the replicated input goes through ``_CopyToTP`` (identity
+  forward, all-reduce of the input gradient over the TP group in backward: each rank's GEMM gives only its units'
+  share of dL/dx); its per-unit biases are sharded with their units;
+* split ``"in"`` (attention output, MLP down) is row-parallel: the local units' input columns produce a partial sum
+  that ``_ReduceFromTP`` all-reduces in forward (identity backward: the upstream gradient is replicated). Its
+  bias is shared by all units, so, as in DeepSpeed's ``LinearAllreduce``, it is replicated, added once AFTER the
+  reduction, and not marked tensor-parallel.
+
+Why shard ourselves (candidate (a)) rather than let DeepSpeed shard and convert afterwards (b): AutoTP's sharding is
+``DeepSpeedEngine._apply_autotp_partitioning``, a step inside the engine constructor that runs right before the same
+constructor builds the optimizer; there is no public hook between the two, and converting afterwards would hand
+DeepSpeed's optimizer the un-split ``LinearLayer`` weights. Running AutoTP ourselves first (``module_inject.AutoTP``
+plus ``ds_autotp_parsed``) would mean re-implementing the engine's tp_plan / preset / vocab-head / replicated-grad
+logic. Sharding the head-wise layers is small, needs nothing from DeepSpeed but its TP group, and leaves AutoTP to
+do everything else (MLP, LM head) exactly as it does without MAT.
+
+What makes MAT exact under TP (tests/scripts/tp_check.py measures each):
+
+* Grams are local: a unit's Q/K/V rows and output columns sit on one TP rank, the column-parallel input is
+  replicated and the row-parallel output's upstream gradient is replicated, so the per-sample gradient of a unit's
+  parameters is computed on its rank exactly as without TP (``mntk.probe_units`` with the ``Topology``: each rank
+  fills its units' rows; one all-reduce over the world assembles the table everywhere);
+* gradient clipping: DeepSpeed counts a parameter in the global norm on every TP rank iff
+  ``runtime.utils.is_model_parallel_parameter(p)`` (``p.tensor_model_parallel``, the attribute AutoTP's
+  ``config_tp_params`` sets), else on TP rank 0 only, then sums over the TP group. Unit parameters get that marking
+  (each rank's shard counted once); the shared row-parallel bias does not (replicated: counted once, not tp times);
+* freezing is per rank: a frozen unit's parameters exist on one TP rank only, and ``requires_grad_(False)`` there
+  stops its dW and its data-parallel gradient reduction, exactly as without TP.
+
+Supported: families whose attention reads head counts from the projection shapes (an adapter's ``TENSOR_PARALLEL``
+lists the unit kinds it offers under TP: HF LLaMA / Mistral / Qwen2 heads and MLP units, HF BERT heads), ZeRO stages
+0-2, no MoE experts (``check_tensor_parallel``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .headwise import HeadwiseLinear, HeadwiseLinearFn
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Enter a column-parallel layer: identity forward; backward sums the input gradient over the TP group."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)  # a new autograd node over the same data (no copy)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        from deepspeed import comm as ds_dist  # DeepSpeed's comm layer, like AutoTP's own layers (comms logger)
+
+        grad = grad.contiguous()
+        ds_dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Leave a row-parallel layer: forward sums the partial outputs over the TP group; identity backward."""
+
+    @staticmethod
+    def forward(ctx, y, group):  # type: ignore[override]
+        from deepspeed import comm as ds_dist
+
+        out = y.contiguous().clone()  # the partial output stays intact: the mNTK probe takes gradients w.r.t. it
+        ds_dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+class TPHeadwiseLinear(HeadwiseLinear):
+    """This tensor-parallel rank's units of a head-wise linear (``shard``); see the module docstring.
+
+    ``n_units`` / ``d_in`` / ``d_out`` / ``unit_layout()`` describe the LOCAL layer (what this rank computes);
+    ``unit_offset`` is the global index of local unit 0 and ``units_total`` the layer's unit count over all TP ranks.
+    """
+
+    tp_group = None
+    tp_size = 1
+    tp_rank = 0
+
+    @classmethod
+    def shard(cls, full: HeadwiseLinear, tp_rank: int, tp_size: int, group) -> "TPHeadwiseLinear":
+        """Rank ``tp_rank``'s part of ``full``: its units' parameter objects, nothing copied."""
+        U = full.n_units
+        if U % tp_size:
+            raise ValueError(f"{U} units are not divisible over {tp_size} tensor-parallel ranks")
+        n, off = U // tp_size, tp_rank * (U // tp_size)
+        lay = full.unit_layout()[off:off + n]  # the local units' channels, as channel indices of the full layer
+        # Local channels keep the full layer's order (GPT-2's blocked [Q|K|V] stays [Q_r|K_r|V_r]): renumber them.
+        local_lay = torch.searchsorted(lay.flatten().sort().values, lay)
+        width = lay.numel()
+        d_in, d_out = (full.d_in, width) if full.split == "out" else (width, full.d_out)
+        mod = cls(d_in, d_out, n, full.split, bias=full.has_unit_bias or full.bias is not None, layout=local_lay,
+                  layer=full.layer, device="meta", dtype=full.weight_params()[0].dtype, kind=full.kind)
+        for j in range(n):
+            mod.register_parameter(f"w{j}", getattr(full, f"w{off + j}"))
+            if full.has_unit_bias:
+                mod.register_parameter(f"b{j}", getattr(full, f"b{off + j}"))
+        mod.bias = full.bias  # split "in": the shared, replicated bias (or None)
+        mod.unit_offset, mod.units_total = full.unit_offset + off, full.units_total
+        mod.tp_group, mod.tp_size, mod.tp_rank = group, tp_size, tp_rank
+        for p in [*mod.weight_params(), *mod.bias_params()]:
+            p.tensor_model_parallel = True  # DeepSpeed's global norm: count this shard on its own TP rank
+        mod.train(full.training)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split == "out":
+            x = _CopyToTP.apply(x, self.tp_group)
+        probing = self.recorder is not None
+        y = HeadwiseLinearFn.apply(x, self._plan, self.split_dim, not probing, None, *self.weight_params(),
+                                   *self.bias_params())
+        if probing:
+            self.recorder.append((self, x.detach(), y))  # "in": the partial output (its gradient is the full dY)
+        if self.split == "in":
+            y = _ReduceFromTP.apply(y, self.tp_group)
+            if self.bias is not None:
+                y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", units={self.unit_offset}..{self.unit_offset + self.n_units - 1} of "
+                f"{self.units_total}, tp={self.tp_rank}/{self.tp_size}")
+
+
+def check_tensor_parallel(model: nn.Module, tp_size: int, stage: int, has_experts: bool,
+                          kinds: tuple, family: Optional[str]) -> None:
+    """Everything MAT needs for ``tensor_parallel.autotp_size = tp_size``, said in one line before any group exists."""
+    if stage == 3:
+        raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with ZeRO stage 3: MAT under tensor parallelism "
+                          f"runs on ZeRO stages 0-2 (those DeepSpeed AutoTP training supports): use "
+                          f"zero_optimization.stage 1 or 2")
+    if has_experts:
+        raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with MoE experts is not supported by MAT: train "
+                          f"MoE models without tensor parallelism")
+    if "heads" not in kinds:
+        raise ConfigError(f"MAT under tensor parallelism (tensor_parallel.autotp_size={tp_size}) supports HF "
+                          f"LLaMA / Mistral / Qwen2 and BERT attention, not {family or 'user-marked head-wise layers'} "
+                          f"({type(model).__name__}): remove tensor_parallel or train without MAT")
+    groups = _groups(model)
+    if "mlp" not in kinds and any(kind == "mlp" for kind, _ in groups):
+        raise ConfigError(f"MLP units under tensor parallelism are not supported for {family} (its adapter says why): "
+                          f"remove 'mlp' from mat.modules, or tensor_parallel")
+    for key, mods in groups.items():
+        U = mods[0].units_total
+        if U % tp_size:
+            kind, layer = key
+            what = ("attention units (one per KV head under grouped-query attention)" if kind == "heads"
+                    else "MLP units (mat.mlp_groups)")
+            raise ConfigError(f"tensor_parallel.autotp_size={tp_size} does not divide the {U} {what} of layer "
+                              f"{layer}: each TP rank must hold whole units; use a tp size that divides {U}")
+
+
+def _groups(model: nn.Module) -> dict[tuple, list[HeadwiseLinear]]:
+    out: dict[tuple, list[HeadwiseLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, HeadwiseLinear):
+            out.setdefault((m.kind, m.layer), []).append(m)
+    return out
+
+
+def shard_model(model: nn.Module, tp_rank: int, tp_size: int, group) -> set[int]:
+    """Replace every head-wise linear of ``model`` by this rank's ``TPHeadwiseLinear`` (in place). Returns the ids of
+    the parameters now held by other TP ranks (to drop from optimizer parameter lists). Idempotent."""
+    todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, HeadwiseLinear) and not isinstance(child, TPHeadwiseLinear)]
+    done: dict[int, TPHeadwiseLinear] = {}
+    dropped: set[int] = set()
+    for parent, name, child in todo:
+        if id(child) not in done:  # a module reachable under two names is sharded once
+            done[id(child)] = TPHeadwiseLinear.shard(child, tp_rank, tp_size, group)
+            kept = {id(p) for p in done[id(child)].parameters()}
+            dropped |= {id(p) for p in child.parameters() if id(p) not in kept}
+        setattr(parent, name, done[id(child)])
+    return dropped
+
+
+def sharded_tp_size(model: nn.Module) -> int:
+    """The TP size the model's head-wise layers are sharded for (1: not sharded)."""
+    sizes = {int(m.tp_size) for m in model.modules() if isinstance(m, TPHeadwiseLinear)}
+    if len(sizes) > 1:
+        raise ConfigError(f"the model's head-wise layers are sharded for different TP sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
