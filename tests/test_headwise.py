@@ -14,7 +14,8 @@ from mat_ds.core.mntk import shard_unit_gram, unit_bias_gram, unit_param_shape
 
 
 @pytest.mark.parametrize("split", ["out", "in"])
-def test_matches_dense_linear_and_skips_frozen(split):
+@pytest.mark.parametrize("frozen", [{1, 2}, {0}, {3}, {0, 2}, {0, 1, 2}])  # active runs: 2, 1 (3 units), 1, 2, 1
+def test_matches_dense_linear_and_skips_frozen(split, frozen):
     torch.manual_seed(0)
     lin = HeadwiseLinear(12, 12 * (3 if split == "out" else 1), n_units=4, split=split, layer=0).double()
     x = torch.randn(2, 5, 12, dtype=torch.double, requires_grad=True)
@@ -25,7 +26,6 @@ def test_matches_dense_linear_and_skips_frozen(split):
     x_ref_grad = x.grad.clone()
     x.grad = None
 
-    frozen = {1, 2}
     for h, p in enumerate(lin.weight_params()):
         p.requires_grad_(h not in frozen)
     y = lin(x)

@@ -191,6 +191,20 @@ class HeadwiseLinearFn(torch.autograd.Function):
                 dw = dy2.t() @ x2
                 for u in range(n_units):
                     grads[u] = plan.unit_part(dw, split_dim, u).contiguous()
+            elif plan.layout is None:
+                # Contiguous layout: one GEMM per run of consecutive active units, on a narrowed VIEW of dy (split
+                # "out") or x (split "in"): no gathered copy. Measured at the converge model's sizes (N 2048 tokens,
+                # d 128-512, 1 thread): 1.2-1.7x faster than gathering the active channels for one GEMM.
+                k, i = plan.k, 0
+                while i < len(active):
+                    j = i
+                    while j + 1 < len(active) and active[j + 1] == active[j] + 1:
+                        j += 1
+                    lo, width = active[i] * k, (j - i + 1) * k
+                    dw = dy2.narrow(1, lo, width).t() @ x2 if split_dim == 0 else dy2.t() @ x2.narrow(1, lo, width)
+                    for u, part in zip(active[i:j + 1], dw.split(k, dim=split_dim)):
+                        grads[u] = part.contiguous()
+                    i = j + 1
             else:
                 # Gather the active units' channels so the weight gradient is still ONE GEMM, sized by active units.
                 idx = plan.lay(dy.device)[active].flatten()
