@@ -42,6 +42,11 @@ HORIZONS = (3000, 6000)
 HORIZON = HORIZONS[0]
 SCHEDULE = "cosine"
 RECORDS = REPO / "benchmarks" / "records" / "tune_lr"
+# The converge protocol's own full runs (constant LR 2e-3 after warm-up, stopped 6 evaluations after the best test
+# loss): a candidate too, since the sweep must beat it to count as "tuned" (same model, flags, validation split)
+CONSTANT = {"wt2": REPO / "benchmarks" / "records" / "converge_first20",
+            "ptb": REPO / "benchmarks" / "records" / "converge_ptb"}
+CONSTANT_KEY = (0, 2e-3)  # (horizon 0 = none: constant LR, early stopping; peak LR)
 
 
 def lr_name(lr: float) -> str:
@@ -94,9 +99,23 @@ def choose(points: dict) -> Optional[tuple]:
     return min(points, key=lambda k: (points[k]["best_val"], k)) if points else None
 
 
+def constant_points(corpus: str) -> dict[int, dict]:
+    """{seed: sweep_point} of the converge protocol's full runs (constant LR, early stopping) on ``corpus``."""
+    out = {}
+    for seed_dir in sorted(CONSTANT[corpus].glob("seed*")) if CONSTANT[corpus].is_dir() else []:
+        d = seed_dir / "full"
+        if store.is_complete(d):
+            out[int(seed_dir.name[len("seed"):])] = sweep_point(store.read_rows(store.metrics_path(d)))
+    return out
+
+
 def load_points(corpus: str, horizons=HORIZONS, schedule: str = SCHEDULE) -> dict[tuple[int, float], dict]:
-    """{(horizon, peak LR): sweep_point} of the corpus's finished sweep runs."""
+    """{(horizon, peak LR): sweep_point} of the corpus's finished sweep runs, plus (``CONSTANT_KEY``) the converge
+    protocol's seed-1 full run."""
     points = {}
+    const = constant_points(corpus)
+    if 1 in const:
+        points[CONSTANT_KEY] = const[1]
     for horizon in horizons:
         for lr in sorted({*LRS, *_recorded_lrs(corpus, horizon, schedule)}):
             d = store.run_dir(out_dir(corpus, lr, horizon, schedule), 1, "full")
@@ -129,9 +148,31 @@ def report(horizons=HORIZONS, schedule: str = SCHEDULE) -> str:
         points = load_points(corpus, horizons, schedule)
         pick = choose(points)
         for (horizon, lr), p in points.items():
-            lines.append(f"| {corpus} | {horizon} | {lr:g} | {p['best_val']:.3f} ({p['best_val_step']:.0f}) | "
+            lines.append(f"| {corpus} | {horizon or 'constant, early stop'} | {lr:g} | {p['best_val']:.3f} ({p['best_val_step']:.0f}) | "
                          f"{p['test_at_best_val']:.3f} | {p['best_test']:.3f} ({p['best_test_step']:.0f}) | "
                          f"{'**yes**' if (horizon, lr) == pick else ''} |")
+    lines += ["", "How much one seed decides: the converge protocol's `full` (constant LR) over the seeds recorded so far "
+              "(`benchmarks/records/converge_first20`, `converge_ptb`):", "",
+              "| corpus | seeds | best val (mean ± std) | test at best val | best test (mean ± std) |", "|---|---|---|---|---|"]
+    for corpus in CORPORA:
+        const = constant_points(corpus)
+        if len(const) < 2:
+            continue
+        col = lambda k: np.array([p[k] for p in const.values()])  # noqa: E731
+        lines.append(f"| {corpus} | {', '.join(map(str, const))} | {col('best_val').mean():.3f} ± "
+                     f"{col('best_val').std(ddof=1):.3f} | {col('test_at_best_val').mean():.3f} | "
+                     f"{col('best_test').mean():.3f} ± {col('best_test').std(ddof=1):.3f} |")
+    lines.append("")
+    for corpus in CORPORA:  # the sweep's resolution: its points' spread against the seeds' spread
+        points, const = load_points(corpus, horizons, schedule), constant_points(corpus)
+        if len(points) < 2 or len(const) < 2:
+            continue
+        vals = sorted(p["best_val"] for p in points.values())
+        std = float(np.std([p["best_val"] for p in const.values()], ddof=1))
+        lines.append(f"- {corpus}: the chosen point beats the runner-up by {vals[1] - vals[0]:.3f} in best validation "
+                     f"loss (seed 1); the constant protocol's seed-to-seed std is {std:.3f}, so the choice is "
+                     + ("resolved by one seed." if vals[1] - vals[0] > 2 * std else
+                        "NOT resolved by one seed (the gap is within two seed standard deviations)."))
     return "\n".join(lines) + "\n"
 
 
