@@ -17,6 +17,12 @@ before any rank starts loading. A checkpoint that cannot be loaded is ONE ``Chec
 rank (rank 0 prints it), naming the newest earlier checkpoint that passes the same check and the flag that resumes from
 it; nothing on disk is modified or removed.
 
+Elastic resume (``mat_ds/universal.py``): each manifest also records the writer's layout (world, DP, TP, EP, ZeRO
+stage, global batch). A tag loaded at another layout goes through DeepSpeed's universal checkpoint: rank 0 converts it
+once into ``TAG_universal`` (hidden staging directory, own manifest, one rename) and it is loaded with
+``load_universal`` on for that call; combinations DeepSpeed cannot load are one ``CheckpointError`` line. Retention
+removes a tag's ``TAG_universal`` copy together with the tag.
+
 The lock (``RunLock``): rank 0 holds ``OUT_DIR/.mat_ds.lock`` with ``fcntl.flock`` for the run's life; the kernel
 drops it when the process dies, so a SIGKILLed run never blocks its resume. The file carries the holder (host, pid,
 start time) for the message a second launch gets.
@@ -32,11 +38,14 @@ import re
 import shutil
 import socket
 import sys
+import uuid
 import zipfile
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+
+from . import universal as uc
 
 CLIENT_KEY = "mat_ds"
 MANIFEST = "mat_ds_files.json"
@@ -206,10 +215,13 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(save_dir: str, tag: str) -> None:
+def write_manifest(save_dir: str, tag: str, extra: Optional[dict] = None) -> None:
+    """``TAG/mat_ds_files.json``: every file with its size, a fresh id (a rewritten tag of the same name differs), and
+    ``extra`` (the writer's layout; for a universal copy, the tag it was made from)."""
     tag_dir = os.path.join(save_dir, tag)
     files = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in _tag_files(tag_dir)}
-    _write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps({"tag": tag, "files": files}, indent=1))
+    data = {"tag": tag, "id": uuid.uuid4().hex, **(extra or {}), "files": files}
+    _write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(data, indent=1))
 
 
 def read_latest(save_dir: str) -> Optional[str]:
@@ -235,17 +247,21 @@ def apply_retention(save_dir: str, keep: int, protect: Iterable[Optional[str]]) 
     ``.deleting.TAG`` (atomic), so a kill mid-removal never leaves a half-deleted tag that looks like a checkpoint."""
     removed = []
     for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
-        if name.startswith(_DELETING):  # left by a run killed while removing
+        # left by a run killed while removing, or while converting (the run lock: no conversion runs now)
+        if name.startswith(_DELETING) or name.startswith(uc.STAGING):
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     for tag in retention_victims(list_tags(save_dir), keep, protect):
-        doomed = os.path.join(save_dir, _DELETING + tag)
-        try:
-            os.rename(os.path.join(save_dir, tag), doomed)
-        except OSError as exc:  # retention is housekeeping: never end a run for it
-            print(f"[mat_ds] warning: could not remove old checkpoint {tag}: {exc.strerror or exc}", flush=True)
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(tag)
+        for name in (tag, uc.universal_tag(tag)):  # a tag's universal copy goes with it (derived data)
+            if name != tag and not os.path.isdir(os.path.join(save_dir, name)):
+                continue
+            doomed = os.path.join(save_dir, _DELETING + name)
+            try:
+                os.rename(os.path.join(save_dir, name), doomed)
+            except OSError as exc:  # retention is housekeeping: never end a run for it
+                print(f"[mat_ds] warning: could not remove old checkpoint {name}: {exc.strerror or exc}", flush=True)
+                break
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(name)
     return removed
 
 
@@ -253,20 +269,35 @@ def save(engine, save_dir: str, step: int, state: dict, keep: int = 0, best: Opt
     """Write a checkpoint after ``step`` optimizer steps (collective). ``latest`` names it only once every rank's files
     exist and the manifest is written; then retention keeps the ``keep`` newest tags plus ``latest`` and ``best``."""
     tag = tag_for(step)
+    layout = uc.layout_of(engine)  # recorded for elastic resume (universal.plan)
+    uc.mark_convertible(engine, layout)
     engine.save_checkpoint(save_dir, tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
     if _world() > 1:
         dist.barrier()  # DeepSpeed's save ends with a barrier too; this one is ours to rely on
     if _rank() == 0:
-        write_manifest(save_dir, tag)
+        write_manifest(save_dir, tag, extra={"layout": layout})
         _write_atomic(os.path.join(save_dir, LATEST), tag)
         apply_retention(save_dir, keep, protect=[tag, best])
     return os.path.join(save_dir, tag)
 
 
-def load(engine, save_dir: str, resume: str) -> Optional[dict]:
+def load(engine, save_dir: str, resume: str, universal: str = "auto") -> Optional[dict]:
     """Resume according to ``resume`` ('auto' | 'never' | a tag). Returns the mat_ds state, or None to start fresh.
 
+    ``universal`` ('auto' | 'never' | 'always'): a tag written at another layout (DP size, ZeRO stage) is loaded
+    through DeepSpeed's universal checkpoint, converting it once into ``TAG_universal`` ('auto'), or stops with one
+    line giving the conversion command ('never'); 'always' (also the DeepSpeed JSON's ``"checkpoint":
+    {"load_universal": true}``) loads through a universal copy even at the same layout. A ``TAG_universal`` given as
+    ``resume`` loads as it is (``mat_ds/universal.py``).
+
     Collective: every rank returns the same state or raises the same ``CheckpointError`` (``every_rank``)."""
+    if universal not in uc.POLICIES:
+        raise CheckpointError(f"universal={universal!r} must be one of {', '.join(uc.POLICIES)}")
+    if uc.wants_universal(engine):
+        if universal == "never":
+            raise CheckpointError('the DeepSpeed config has "checkpoint": {"load_universal": true} but --universal '
+                                  'is never: drop one of them')
+        universal = "always"
     if resume == "never":
         return None
     if resume == "auto":
@@ -281,21 +312,52 @@ def load(engine, save_dir: str, resume: str) -> Optional[dict]:
         tag = resume
     # Rank 0 checks the files before any rank loads: a bad shard must not leave one rank failing inside DeepSpeed
     # while the others wait for it in a collective.
-    message = None
+    # The layout decision is rank 0's too (plain load, universal copy, or a one-line refusal), made before any rank
+    # loads.
+    message, plan = None, None
     if _rank() == 0:
         reason = verify_tag(save_dir, tag)
         if reason:
             message = unloadable_message(save_dir, tag, reason)
-    message = _broadcast(message)
+        else:
+            try:
+                plan = uc.plan(save_dir, tag, uc.layout_of(engine), universal)
+            except uc.Refusal as exc:
+                message = f"cannot resume from {os.path.join(save_dir, tag)}: {exc}"
+    message, plan = _broadcast((message, plan))
     if message:
         raise CheckpointError(message, every_rank=True)
+    if plan.note and _rank() == 0:
+        print(plan.note, flush=True)
+    if plan.convert:
+        error, seconds = uc.convert_collectively(save_dir, tag, plan.source, _rank(), _broadcast)
+        if error:
+            raise CheckpointError(f"checkpoint {tag} in {save_dir} loads at this layout only through a universal "
+                                  f"copy, and making it failed: {error}; nothing else on disk changed", every_rank=True)
+        if _rank() == 0:
+            print(f"[mat_ds] converted {tag} -> {plan.tag} in {seconds:.1f}s (DeepSpeed's ds_to_universal)", flush=True)
+    if plan.tag != tag:  # the universal copy is checked like any tag
+        message = None
+        if _rank() == 0:
+            reason = verify_tag(save_dir, plan.tag)
+            if reason:
+                message = (f"checkpoint {tag} in {save_dir} loads at this layout only through its universal copy "
+                           f"{plan.tag}, which cannot be loaded: {reason}; remove {os.path.join(save_dir, plan.tag)} "
+                           f"to have mat_ds convert {tag} again")
+        message = _broadcast(message)
+        if message:
+            raise CheckpointError(message, every_rank=True)
     error = None
     try:
-        load_path, client = engine.load_checkpoint(save_dir, tag=tag)
+        with uc.loading(engine, plan.mode == "universal"):
+            load_path, client = engine.load_checkpoint(save_dir, tag=plan.tag)
         if load_path is None or not client or CLIENT_KEY not in client:
             error = "not written by mat_ds (no mat_ds state in it)"
+        elif plan.mode == "universal":
+            uc.fix_param_groups(engine, os.path.join(save_dir, plan.tag))
     except Exception as exc:  # noqa: BLE001 - shape mismatch (another model/world size), unpickling, ...
-        error = f"incompatible with this run ({_short(exc)})"
+        via = f", loading its universal copy {plan.tag}" if plan.tag != tag else ""
+        error = f"incompatible with this run{via} ({_short(exc)})"
         client = None
     if _world() > 1:
         errors = [None] * _world()

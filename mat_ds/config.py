@@ -137,6 +137,12 @@ class RunConfig:
     save_interval: int = _help("Optimizer steps between checkpoints (0 = only at the end).", default=100)
     resume: str = _help("'auto' (resume from the latest checkpoint if there is one), 'never', or a checkpoint tag.",
                         default="auto")
+    universal: str = _help("Elastic resume: a checkpoint written at another data-parallel size or ZeRO stage loads "
+                           "through DeepSpeed's universal checkpoint. 'auto': rank 0 converts the tag once into "
+                           "TAG_universal (ds_to_universal) and the run loads it; 'never': stop with one line giving "
+                           "the conversion command; 'always': load through a universal copy even at the same layout "
+                           "(what \"checkpoint\": {\"load_universal\": true} in the DeepSpeed JSON means). "
+                           "docs/elastic_resume.md.", default="auto")
     keep_checkpoints: int = _help("Checkpoints kept in save_dir (Hugging Face's save_total_limit): after each save "
                                   "completed on every rank, rank 0 removes all global_stepN tags but the N newest, "
                                   "the one `latest` names and the one of the step with the best monitored evaluation "
@@ -167,6 +173,7 @@ class RunConfig:
         _check(self.flops_budget >= 0, f"flops_budget={self.flops_budget} must be >= 0")
         _check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         _check(self.resume.strip() != "", "resume must be 'auto', 'never' or a checkpoint tag")
+        _check_choice("universal", self.universal, ("auto", "never", "always"))
         if self.save_dir is None:
             self.save_dir = os.path.join(self.out_dir, "checkpoints")
         if self.run_name is None:

@@ -167,7 +167,8 @@ class Trainer:
         self.verify_frozen = verify_frozen and self.mat is not None
         self.progress = Progress(patience_from=run_cfg.patience_from)
 
-        state = checkpoint.load(self.engine, run_cfg.save_dir, run_cfg.resume)  # restores engine.mat's state too
+        # restores engine.mat's state too; another DP size / ZeRO stage goes through a universal copy (universal.py)
+        state = checkpoint.load(self.engine, run_cfg.save_dir, run_cfg.resume, universal=run_cfg.universal)
         if state is not None:
             self.progress = Progress(**state["progress"])
             if self.progress.patience_from != run_cfg.patience_from:

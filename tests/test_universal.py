@@ -1,0 +1,288 @@
+"""Elastic resume through DeepSpeed's universal checkpoint (``mat_ds/universal.py``, ``docs/elastic_resume.md``).
+
+Default suite: the layout decision (which combinations load plainly, through a universal copy, or are refused with one
+line), the writer's layout read off DeepSpeed's file names, and ONE run through the real launcher: a MAT run on 2 ranks
+(ZeRO-2, heads frozen after warm-up) saved at step 6 and resumed on 1 rank with gradient accumulation 2 (same global
+batch, same samples): the trainer converts the tag once, MAT's state after the load equals the saved one, the next
+losses equal the uninterrupted 2-rank run's, and the frozen units' weights stay exactly unchanged across the resume.
+``-m slow``: the same for ZeRO-1, ZeRO-3 and ZeRO-0 (no conversion), DP 1 -> DP 2, and the refusals through the launcher.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mat_ds import checkpoint as ck
+from mat_ds import universal as uc
+from mat_ds.tracking import read_metrics
+from tests.launcher import REPO, run_deepspeed
+
+CHECK = "tests/scripts/universal_check.py"
+FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64", "--vocab_size", "1024",
+        "--eval_batches", "1", "--eval_interval", "0", "--log_interval", "1", "--wandb_mode", "disabled",
+        "--verify_frozen"]
+SAVE_AT, FIRST_REFRESH_AFTER, END = 6, 8, 10  # warm-up 4, refresh every 4: decisions at steps 4 and 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decision (pure)
+# ----------------------------------------------------------------------------------------------------------------------
+def L(dp, stage, tp=1, ep=1, world=None, **kw):  # noqa: N802 - a layout literal
+    return {"world": world or dp * tp, "dp": dp, "tp": tp, "ep": ep, "zero_stage": stage, **kw}
+
+
+@pytest.mark.parametrize("src, cur, policy, want", [
+    (L(2, 2), L(2, 2), "auto", "plain"),
+    (L(2, 2), L(1, 2), "auto", "universal"),
+    (L(1, 2), L(2, 2), "auto", "universal"),
+    (L(2, 1), L(1, 1), "auto", "universal"),
+    (L(2, 1), L(2, 2), "auto", "universal"),  # ZeRO-1 <-> ZeRO-2 share a format; universal is the measured path
+    (L(2, 3), L(1, 3), "auto", "universal"),
+    (L(2, 0), L(1, 0), "auto", "plain"),  # ZeRO-0: the whole optimizer state is in mp_rank_00
+    (L(2, 2), L(2, 2), "always", "universal"),
+    (L(2, 2, ep=1, world=2), L(1, 2), "auto", "universal"),  # MoE without expert parallelism converts
+    ({"zero_stage": None, "family": "1/2", "dp": 2, "tp": 1}, L(1, 2), "auto", "universal"),  # inferred from files
+    ({"zero_stage": 0, "tp": 1}, L(1, 0), "auto", "plain"),  # a ZeRO-0 tag without a recorded layout
+])
+def test_decide(src, cur, policy, want):
+    assert uc.decide(src, cur, policy, tag_is_universal=False, save_dir="/ck", tag="global_step6") == want
+
+
+@pytest.mark.parametrize("src, cur, policy, universal, needle", [
+    (L(2, 2), L(1, 2), "never", False, "python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state "
+                                       "--input_folder /ck/global_step6 --output_folder /ck/global_step6_universal"),
+    (L(2, 2, ep=2), L(1, 2), "auto", False, "expert-parallel"),
+    (L(2, 2), L(1, 3), "auto", False, "cannot load a ZeRO-1/2 checkpoint into ZeRO-3"),
+    (L(2, 3), L(1, 2), "auto", False, "cannot load a ZeRO-3 checkpoint into ZeRO-1/2"),
+    (L(2, 0), L(1, 2), "auto", False, "ZeRO-0 checkpoint into ZeRO-1/2"),
+    (L(1, 2, tp=2), L(1, 2), "auto", False, "tensor-parallel size"),
+    (L(2, 2, tp=2), L(1, 2, tp=2), "auto", False, "under tensor parallelism"),
+    (L(2, 2), L(1, 0), "always", False, "loads into ZeRO stage 1, 2 or 3 only"),
+    ({"zero_stage": None, "family": "1/2", "tp": 1}, L(1, 0), "auto", True, "loads into ZeRO stage 1, 2 or 3 only"),
+    ({"zero_stage": None, "family": "1/2", "tp": 1}, L(1, 3), "auto", True, "into ZeRO-3"),
+])
+def test_refusals_are_one_line(src, cur, policy, universal, needle):
+    with pytest.raises(uc.Refusal) as info:
+        uc.decide(src, cur, policy, tag_is_universal=universal, save_dir="/ck", tag="global_step6")
+    text = str(info.value)
+    assert needle in text and "\n" not in text, text
+    assert "written at" in text and "this run is" in text
+
+
+def test_source_layout_from_file_names(tmp_path):
+    """Tags written before the manifest recorded a layout: DeepSpeed's file names say stage family, DP and TP."""
+    def tag(name, files):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_bytes(b"")
+        return str(d)
+
+    z2 = uc.source_layout(tag("z2", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"]))
+    assert (uc.family(z2.get("zero_stage")) or z2["family"], z2["dp"], z2["tp"]) == ("1/2", 2, 1)
+    bf16 = uc.source_layout(tag("bf16", ["mp_rank_00_model_states.pt"] +
+                                [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]))
+    assert (bf16["family"], bf16["dp"]) == ("1/2", 4)
+    z3 = uc.source_layout(tag("z3", [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in range(2)
+                                     for k in ("model", "optim")]))
+    assert (z3["zero_stage"], z3["dp"]) == (3, 2)
+    assert uc.source_layout(tag("z0", ["mp_rank_00_model_states.pt"]))["zero_stage"] == 0
+    # a manifest's recorded layout wins
+    d = tmp_path / "z2"
+    (d / ck.MANIFEST).write_text(json.dumps({"tag": "z2", "layout": L(2, 2), "files": {}}))
+    assert uc.source_layout(str(d)) == L(2, 2)
+
+
+def test_retention_removes_a_tags_universal_copy_with_it(tmp_path):
+    for name in ("global_step2", "global_step2_universal", "global_step4", "global_step4_universal", "global_step6",
+                 ".universal.global_step4.123", "my_tag_universal"):
+        (tmp_path / name).mkdir()
+    removed = ck.apply_retention(str(tmp_path), keep=2, protect=["global_step6"])
+    assert removed == ["global_step2", "global_step2_universal"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4", "global_step4_universal", "global_step6",
+                                                         "my_tag_universal"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through the launcher
+# ----------------------------------------------------------------------------------------------------------------------
+def write_config(tmp_path: Path, name: str, stage: int, accum: int, **extra) -> str:
+    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg["zero_optimization"] = {"stage": stage}
+    cfg["train_micro_batch_size_per_gpu"] = 8
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["mat"].update(warmup_steps=4, refresh_interval=4, alpha=0.3, beta=0.05)
+    cfg.update(extra)
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def launch(tmp_path: Path, config: str, out: str, num_gpus: int, *extra: str, dump: Path | None = None,
+           check: bool = True, script: str = CHECK):
+    args = ["--deepspeed_config", config, "--out_dir", str(tmp_path / out), "--cache_dir", str(tmp_path / "cache"),
+            *FAST, *extra]
+    env = {"MAT_DS_UNIVERSAL_DUMP": str(dump)} if dump else None
+    return run_deepspeed(script, args, num_gpus=num_gpus, timeout=600, env=env, check=check)
+
+
+def client_state(tag_dir: Path) -> dict:
+    files = sorted(tag_dir.glob("mp_rank_00_model_states.pt"))
+    files = files or sorted(tag_dir.glob("zero_pp_rank_0_*model_states.pt"))
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def full_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's value in a tag (ZeRO-3: from the fp32 partitions, as DeepSpeed's zero_to_fp32 does)."""
+    sd = client_state(tag_dir)
+    if sd.get("module") and all(v.numel() for v in sd["module"].values()):
+        return {k: v.float() for k, v in sd["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: v.detach().float() for k, v in full.items()}
+
+
+def same(a, b, path="") -> list[str]:
+    """Where two nested states differ (tensors bitwise, floats exactly)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
+        return out + [d for k in sorted(set(a) & set(b), key=str) for d in same(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return [] if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) else [f"{path}: tensors differ"]
+    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def elastic_resume(tmp_path: Path, stage: int, src_dp: int, dst_dp: int) -> dict:
+    """Uninterrupted run on ``src_dp`` ranks to END (saving at SAVE_AT); the SAVE_AT tag copied into a fresh run
+    directory and resumed there on ``dst_dp`` ranks (accumulation chosen for the same global batch) with the same
+    command; checks and returns the acceptance figures."""
+    src_cfg = write_config(tmp_path, "src.json", stage, accum=2 // src_dp)
+    dst_cfg = write_config(tmp_path, "dst.json", stage, accum=2 // dst_dp)
+    launch(tmp_path, src_cfg, "straight", src_dp, "--train_steps", str(END), "--save_interval", str(SAVE_AT))
+    tag = ck.tag_for(SAVE_AT)
+    source = tmp_path / "straight" / "checkpoints" / tag
+    resumed_ckpt = tmp_path / "resumed" / "checkpoints"
+    resumed_ckpt.mkdir(parents=True)
+    shutil.copytree(source, resumed_ckpt / tag)
+    (resumed_ckpt / "latest").write_text(tag)
+    before = tree_digest(resumed_ckpt / tag)
+
+    dump = tmp_path / "after_load.pt"
+    proc = launch(tmp_path, dst_cfg, "resumed", dst_dp, "--train_steps", str(END),
+                  "--save_interval", str(FIRST_REFRESH_AFTER - SAVE_AT), dump=dump)
+    converted = (resumed_ckpt / uc.universal_tag(tag)).is_dir()
+    if stage == 0:
+        assert not converted and "holds the whole optimizer state" in proc.stdout, proc.stdout[-3000:]
+    else:
+        assert converted and f"converting it now into {uc.universal_tag(tag)}" in proc.stdout, proc.stdout[-3000:]
+        manifest = json.loads((resumed_ckpt / uc.universal_tag(tag) / ck.MANIFEST).read_text())
+        assert manifest["universal_of"] == tag and manifest["layout"]["dp"] == src_dp
+        assert ck.verify_tag(str(resumed_ckpt), uc.universal_tag(tag)) is None
+        assert not list(resumed_ckpt.glob(uc.STAGING + "*")) and not (resumed_ckpt / "latest_universal").exists()
+    assert tree_digest(resumed_ckpt / tag) == before  # the source tag is read, never written
+
+    # 1. MAT's state after the load == the state the DP-src run saved (policy history, frozen sets, probe set, ...)
+    saved = client_state(source)
+    after = torch.load(dump, map_location="cpu", weights_only=False)
+    assert after["world"] == dst_dp and after["step"] == SAVE_AT
+    diff = same(saved["mat"], after["mat"])
+    assert not diff, diff[:10]
+    assert any(saved["mat"]["policies"]["heads"]["frozen"]), "no head frozen at the save: the test proves nothing"
+
+    # 2. every weight came through the conversion bit for bit; frozen units stay exactly unchanged over the resumed
+    #    run's steps SAVE_AT..FIRST_REFRESH_AFTER (the saved decision holds until the refresh at FIRST_REFRESH_AFTER)
+    w_saved = full_weights(source)
+    assert not [n for n in w_saved if not torch.equal(w_saved[n], after["weights"][n].float())]
+    w_later = full_weights(resumed_ckpt / ck.tag_for(FIRST_REFRESH_AFTER))
+    frozen = sorted({n for unit in after["frozen"] for n in unit})
+    drift = max(float((w_later[n] - w_saved[n]).abs().max()) for n in frozen)
+    trained = [n for n in w_saved if n not in frozen and n.endswith(("qkv.w0", "qkv.w1", "qkv.w2", "qkv.w3"))]
+    assert frozen and drift == 0.0, drift
+    assert all(not torch.equal(w_later[n], w_saved[n]) for n in trained)  # the others did train
+
+    # 3. the next losses equal the uninterrupted run's; the same refresh decisions after the resume
+    ref = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))}
+    got = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))}
+    assert sorted(got) == list(range(SAVE_AT + 1, END + 1))
+    dloss = max(abs(got[s]["train/loss"] - ref[s]["train/loss"]) for s in got)
+    assert dloss <= 1e-5, dloss
+    assert [got[s]["mat/active_fraction"] for s in got] == [ref[s]["mat/active_fraction"] for s in got]
+    assert all(r.get("mat/frozen_max_abs_change", 0.0) == 0.0 for r in got.values())
+    lam = [k for k in ref[FIRST_REFRESH_AFTER + 1] if k.startswith("mat/lambda_max/")]
+    assert lam and max(abs(got[FIRST_REFRESH_AFTER + 1][k] - ref[FIRST_REFRESH_AFTER + 1][k]) for k in lam) <= 1e-5
+    end_state = [client_state(d / ck.tag_for(END))["mat"]["policies"] for d in
+                 (tmp_path / "straight" / "checkpoints", resumed_ckpt)]
+    assert [p["frozen"] for p in end_state[0].values()] == [p["frozen"] for p in end_state[1].values()]
+    print(f"ZeRO-{stage} DP {src_dp} -> DP {dst_dp}: max |dloss| over steps {SAVE_AT + 1}..{END} = {dloss:.3e}; "
+          f"MAT state equal; {len(frozen)} frozen parameters, max drift {drift}")
+    return {"dloss": dloss, "drift": drift}
+
+
+def test_dp2_zero2_resumes_at_dp1(tmp_path):
+    elastic_resume(tmp_path, stage=2, src_dp=2, dst_dp=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, src_dp, dst_dp", [(1, 2, 1), (3, 2, 1), (0, 2, 1), (2, 1, 2)])
+def test_elastic_resume_variants(tmp_path, stage, src_dp, dst_dp):
+    elastic_resume(tmp_path, stage, src_dp, dst_dp)
+
+
+def _one_error_line(proc, *needles: str) -> str:
+    assert proc.returncode != 0
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_refusals_through_the_launcher(tmp_path):
+    """--universal never, a ZeRO-2 tag into ZeRO-3, and expert parallelism: one line each, nothing on disk changed;
+    then the copy the refusal's command makes loads with --resume TAG_universal."""
+    launch(tmp_path, write_config(tmp_path, "z2.json", 2, 1), "z2", 2, "--train_steps", "2", "--save_interval", "2")
+    ckpt = tmp_path / "z2" / "checkpoints"
+    before = tree_digest(ckpt)
+    line = _one_error_line(launch(tmp_path, write_config(tmp_path, "z2_1.json", 2, 2), "z2", 1, "--train_steps", "4",
+                                  "--universal", "never", check=False),
+                           "--universal never", "ds_to_universal --inject_missing_state --input_folder")
+    print(line)
+    _one_error_line(launch(tmp_path, write_config(tmp_path, "z3_1.json", 3, 2), "z2", 1, "--train_steps", "4",
+                           check=False), "into ZeRO-3")
+    assert tree_digest(ckpt) == before
+    # A copy made by hand, the DeepSpeed way (the command the refusal gave), loads with --resume TAG_universal
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                    "--input_folder", str(ckpt / "global_step2"),
+                    "--output_folder", str(ckpt / "global_step2_universal"),
+                    "--num_extract_workers", "1", "--num_merge_workers", "1"], check=True, capture_output=True)
+    proc = launch(tmp_path, write_config(tmp_path, "z2_1.json", 2, 2), "z2", 1, "--train_steps", "4",
+                  "--resume", "global_step2_universal", "--universal", "never")
+    assert "loading universal checkpoint global_step2_universal at DP 1 ZeRO-2" in proc.stdout, proc.stdout[-3000:]
+    assert [r["trainer/step"] for r in read_metrics(str(tmp_path / "z2" / "metrics.jsonl"))][-2:] == [3, 4]
+
+    switch = json.loads((REPO / "configs" / "switch_mat_ep2.json").read_text())["model"]
+    launch(tmp_path, write_config(tmp_path, "ep2.json", 2, 1, model=switch), "ep2", 2, "--train_steps", "2",
+           "--save_interval", "2")
+    before = tree_digest(tmp_path / "ep2" / "checkpoints")
+    one = write_config(tmp_path, "ep1.json", 2, 2, model={**switch, "moe_ep_size": 1})
+    _one_error_line(launch(tmp_path, one, "ep2", 1, "--train_steps", "4", check=False), "expert-parallel")
+    assert tree_digest(tmp_path / "ep2" / "checkpoints") == before
