@@ -15,9 +15,10 @@ The public API: ``initialize`` (``deepspeed.initialize`` + MAT), ``MATConfig`` (
 """
 from .adapters import convert_model, make_headwise
 from .core.config import ConfigError, MATConfig
-from .core.engine import MATController, initialize
+from .core.engine import MATController
 from .core.headwise import HeadwiseLinear
 from .distributed import init_distributed, shutdown_distributed
+from .wrapper import initialize
 
 __all__ = ["initialize", "MATConfig", "MATController", "ConfigError", "convert_model", "make_headwise",
            "HeadwiseLinear", "init_distributed", "shutdown_distributed"]

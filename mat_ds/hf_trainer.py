@@ -15,12 +15,12 @@ must sit on the engine before ``_prepare_for_training`` calls ``deepspeed_load_c
 the first callback event (``on_train_begin``) fires after both. A subclass is how HF extends ``Trainer``
 (``Seq2SeqTrainer``, TRL's trainers) and owns the two public seams we need:
 
-1. ``__init__`` / ``call_model_init``: ``mat_ds.core.engine.prepare_model`` converts ``self.model`` in place (the same
+1. ``__init__`` / ``call_model_init``: ``mat_ds.wrapper.prepare_model`` converts ``self.model`` in place (the same
    code as ``mat_ds.initialize``), so the DeepSpeed optimizer (``DummyOptim(model.parameters())``) or HF's own
    ``create_optimizer`` groups hold the head-wise parameters; ``get_decay_parameter_names`` keeps HF's no-decay rule
    for the per-head biases ``b{u}`` of converted Q/K/V;
 2. ``self.accelerator.prepare``: accelerate calls ``deepspeed.initialize`` inside it. Wrapped once, it attaches
-   ``MATController`` (``mat_ds.core.engine.attach``, again ``initialize``'s code) to the training engine it returns,
+   ``MATController`` (``mat_ds.wrapper.attach``, again ``initialize``'s code) to the training engine it returns,
    i.e. right after the engine exists and before HF sets ``model_wrapped`` and loads a checkpoint. The wrapped
    ``engine.save_checkpoint`` / ``load_checkpoint`` then carry MAT's state (policies, frozen sets, probe set) in every
    ``checkpoint-N`` and restore it on ``resume_from_checkpoint``.
@@ -51,7 +51,8 @@ import torch
 from transformers import Trainer
 
 from .core.config import ConfigError, MATConfig
-from .core.engine import MATController, attach, prepare_model
+from .core.engine import MATController
+from .wrapper import attach, prepare_model
 from .core.headwise import HeadwiseLinear
 
 

@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds_config = load_deepspeed_config(args.deepspeed_config)
         model_cfg, data_cfg, run_cfg = from_cli(args, ds_config)
-        MATConfig.from_dict(ds_config.get("mat"))  # validate before any process group or data work
+        mat_cfg = MATConfig.from_dict(ds_config.get("mat"))  # parsed once: before any process group or data work
         if model_cfg.model.startswith("hf:"):
             from .models.hf import hf_directory
 
             hf_directory(model_cfg.model)
         from .train import Trainer
 
-        trainer = Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen)
+        trainer = Trainer(model_cfg, data_cfg, run_cfg, ds_config, verify_frozen=args.verify_frozen, mat_cfg=mat_cfg)
         trainer.train()
         from .distributed import shutdown_distributed
 

@@ -21,13 +21,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint
 from .config import ConfigError, DataConfig, MATConfig, ModelConfig, RunConfig, as_dict
-from .core.engine import comm_device, initialize
+from .core.engine import comm_device
 from .core.freezing import GRADIENT_OPS, MOE_DISPATCH_OP, comm_bytes_snapshot
 from .data import DataBundle, global_positions, iter_eval_batches, make_batch, prepare_data
 from .distributed import init_distributed
@@ -36,6 +37,7 @@ from .models.hf import flops_config, load_hf_model, targets_of
 from .models.switch import switch_layers
 from .models.transformer import Transformer
 from .tracking import Tracker
+from .wrapper import initialize
 
 COMMS_LOGGER = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
 
@@ -106,9 +108,10 @@ def deepspeed_config(ds_config: dict, train_steps: int, comm_stats: bool) -> dic
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig, ds_config: dict,
-                 verify_frozen: bool = False):
+                 verify_frozen: bool = False, mat_cfg: Optional[MATConfig] = None):
         self.model_cfg, self.data_cfg, self.run_cfg = model_cfg, data_cfg, run_cfg
-        self.mat_cfg = MATConfig.from_dict(ds_config.get("mat"))
+        # the "mat" block: as the entry point parsed it (handed on, not parsed again), else parsed here
+        self.mat_cfg = mat_cfg if mat_cfg is not None else MATConfig.from_dict(ds_config.get("mat"))
         self.mat_cfg.check_model(model_cfg.n_layer)
         # One live run per out_dir: rank 0 takes the lock before the process group exists, every rank learns its
         # decision (checkpoint.lock_out_dir); released by close(), or by the kernel when the process dies.
@@ -149,7 +152,8 @@ class Trainer:
             if self.mat_cfg.needs_probe else None
         try:
             groups = param_groups(self.model, weight_decay) if self.hf else self.model.param_groups(weight_decay)
-            self.engine, _, _, _ = initialize(model=self.model, model_parameters=groups, config=ds, probe_batch=probe)
+            self.engine, _, _, _ = initialize(model=self.model, model_parameters=groups, config=ds, probe_batch=probe,
+                                              mat_config=self.mat_cfg)  # the "mat" block, parsed once
         except (ValueError, KeyError, TypeError, AssertionError) as exc:
             if isinstance(exc, ConfigError):
                 raise

@@ -1,4 +1,4 @@
-"""What the accelerator of THIS machine supports, asked exactly as mat_ds asks it (``mat_ds/core/engine.py``
+"""What the accelerator of THIS machine supports, asked exactly as mat_ds asks it (``mat_ds/wrapper.py``
 ``check_supported``: ``deepspeed.accelerator.get_accelerator().is_fp16_supported()``).
 
 Hardware-dependent expectations of the tests follow this answer instead of assuming one: DeepSpeed's CPU accelerator

@@ -176,7 +176,7 @@ def test_bad_mlp_groups_and_missing_mlp_are_one_line_errors():
     with pytest.raises(ConfigError, match="does not divide the MLP width 64"):
         mat_ds.convert_model(build("gpt2"), mlp_groups=3)
     # "mlp" on a model with no dense MLP (a tiny model marked by hand, attention only): one line, before DeepSpeed
-    from mat_ds.core.engine import prepare_model
+    from mat_ds.wrapper import prepare_model
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     mat_ds.make_headwise(model, 0, out_proj=["0"], in_proj=["1"], n_units=2)

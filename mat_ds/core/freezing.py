@@ -11,7 +11,7 @@ What DeepSpeed does with a parameter whose ``requires_grad`` is switched off AFT
   reduction (stage 0 ``_get_gradients_for_reduction`` skips ``requires_grad=False``; stage 1/2 buckets only what their
   hooks see; stage 3 puts ``torch.zeros_like(ds_tensor)`` into ``averaged_gradients`` instead of its grad buffer).
 * A parameter that is frozen AT ``initialize`` is never handed to the optimizer and can never train again, so the engine
-  must be built with everything trainable and frozen afterwards (``mat_ds/core/engine.py``).
+  must be built with everything trainable and frozen afterwards (``mat_ds/wrapper.py``).
 * BUT ZeRO 1/2/3 step the optimizer on FLAT fp32 partitions: the frozen parameter's slice of the flat gradient is
   zero-filled, not absent, so AdamW still applies weight decay and the Adam momentum of earlier steps to it (the weight
   drifts by ~lr per step). The flat fp32 partition is then copied back into the model weights (stage 1/2:
