@@ -171,8 +171,10 @@ def test_rule_keys_defaults_presets_and_irrelevant_keys():
 
     default, paper = MATConfig.from_dict({}), MATConfig.from_dict({"preset": "paper"})
     for key in DEFAULTS:
-        assert getattr(default, key) == DEFAULTS[key] == getattr(paper, key), key
+        assert getattr(default, key) == DEFAULTS[key], key
+        assert getattr(paper, key) == PRESETS["paper"].get(key, DEFAULTS[key]), key
     assert set(PRESETS["paper"]) <= set(DEFAULTS)
+    assert [k for k in PRESETS["paper"] if PRESETS["paper"][k] != DEFAULTS[k]] == ["alpha", "beta"]
     # a key equal to the preset's value is fine; keys the preset does not set take DEFAULTS (or the user's value)
     cfg = MATConfig.from_dict({"preset": "paper", "beta": 0.05, "reactivate": False, "warmup_steps": 7})
     assert (cfg.beta, cfg.reactivate, cfg.warmup_steps) == (0.05, False, 7)
@@ -212,3 +214,19 @@ def test_fixed_policy_leaves_the_rule_keys_unset_and_round_trips():
     assert MATConfig(**dataclasses.asdict(fixed)) == fixed
     # the older policies keep accepting (and ignoring) the older rule keys: their configs predate the distinction
     assert MATConfig.from_dict({"policy": "rand", "rand_active_fraction": 0.5, "alpha": 0.2, "beta": 0.1}).alpha == 0.2
+
+
+def test_shipped_configs_run_the_defaults():
+    """``make train`` and the configs/ MAT blocks use MATConfig's α/β (the converge studies' winning cell, not the
+    paper's: docs/results.md) and a refresh back-off; ``"preset": "paper"`` is the paper's rule."""
+    from pathlib import Path
+
+    from mat_ds.core.config import DEFAULTS
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.json")):
+        block = json.loads(path.read_text())["mat"]
+        if block.get("policy") != "mat":
+            continue
+        cfg = MATConfig.from_dict(block)
+        assert (cfg.alpha, cfg.beta) == (DEFAULTS["alpha"], DEFAULTS["beta"]) == (0.05, 0.0), path.name
+        assert cfg.refresh_backoff == 2.0 and cfg.refresh_interval_max == 8 * cfg.refresh_interval, path.name

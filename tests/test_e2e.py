@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, deepspeed_command, deepspeed_env, kill_group, run_deepspeed
+from tests.launcher import REPO, deepspeed_command, deepspeed_env, kill_group, run_deepspeed, config_template
 
 SCRIPT = "launch/pretrain.py"
 FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64", "--vocab_size", "1024",
@@ -23,7 +23,7 @@ FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64",
 
 def write_config(tmp_path: Path, name: str = "ds.json", stage: int = 2, micro: int = 8, accum: int = 1,
                  **mat) -> str:
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["zero_optimization"] = {"stage": stage}
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum
@@ -139,7 +139,7 @@ def test_baselines_run_under_a_flops_budget(tmp_path, policy):
     """RaPTr skips layers (cheaper steps), Multirate freezes slow heads between k-th steps; both stop at the budget."""
     mat = {"raptr": {"policy": "raptr", "raptr_schedule": [[0, 2], [10, 3]]},
            "multirate": {"policy": "multirate", "multirate_k": 3, "warmup_steps": 3}}[policy]
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["mat"] = mat
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
@@ -236,7 +236,7 @@ def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, varian
     cfg = write_config(tmp_path, warmup_steps=10, refresh_interval=5, alpha=0.3, **mlp)
     if variant == "switch_ep2":  # Switch MoE, experts split over the 2 ranks: expert checkpoints + expert policy state
         ds = json.loads(Path(cfg).read_text())
-        ds["model"] = json.loads((REPO / "configs" / "switch_mat_ep2.json").read_text())["model"]
+        ds["model"] = config_template("switch_mat_ep2.json")["model"]
         Path(cfg).write_text(json.dumps(ds))
     steps = ["--train_steps", "40", "--save_interval", "10", "--eval_interval", "20"]
     train(tmp_path, cfg, "straight", *steps)
@@ -278,7 +278,7 @@ def test_kill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, varian
 def test_patience_stops_when_the_test_loss_stops_improving(tmp_path):
     """Early stopping (the converge benchmark's stop rule): with lr 0 the test loss never beats its first value, so a
     run with --patience 2 stops after the third evaluation instead of running to train_steps."""
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["mat"] = {"policy": "full"}
     cfg["optimizer"]["params"]["lr"] = 0.0
     cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.0,

@@ -19,7 +19,7 @@ from mat_ds.config import ConfigError, ModelConfig
 from mat_ds.core.config import MATConfig
 from mat_ds.models.flops import FlopsModel
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, run_deepspeed, tagged_json
+from tests.launcher import REPO, run_deepspeed, tagged_json, config_template
 
 CHECK = REPO / "tests" / "scripts" / "moe_check.py"
 PAIRS = ((0, 1), (2, 1), (2, 2))  # (ZeRO stage, ep_size)
@@ -86,7 +86,7 @@ FAST = ["--n_layer", "4", "--n_head", "4", "--d_model", "64", "--seq_len", "64",
 
 @pytest.mark.parametrize("ep", [1, 2])
 def test_switch_mat_two_ranks_trains_and_freezes_experts(tmp_path, ep):
-    cfg = json.loads((REPO / "configs" / f"switch_mat_ep{ep}.json").read_text())
+    cfg = config_template(f"switch_mat_ep{ep}.json")
     cfg["mat"].update(warmup_steps=20, refresh_interval=10, alpha=0.3, beta=0.05)
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
@@ -146,7 +146,7 @@ def test_flops_charge_router_and_credit_frozen_expert_tokens():
 
 
 def test_moe_with_zero3_is_a_one_line_error_from_the_launcher(tmp_path):
-    cfg = json.loads((REPO / "configs" / "switch_mat_ep1.json").read_text())
+    cfg = config_template("switch_mat_ep1.json")
     cfg["zero_optimization"] = {"stage": 3}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.hardware import fp16_branch, fp16_supported
-from tests.launcher import REPO, deepspeed_env, free_port, kill_group, run_deepspeed
+from tests.launcher import REPO, deepspeed_env, free_port, kill_group, run_deepspeed, config_template
 
 SCRIPT = REPO / "tests" / "scripts" / "multinode_check.py"
 GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
@@ -91,7 +91,7 @@ def ds_launcher() -> str:
 
 
 def write_config(path: Path) -> Path:
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["mat"].update(warmup_steps=WARMUP, refresh_interval=REFRESH, alpha=0.3, log_heatmap_interval=0)
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
     assert cfg["zero_optimization"]["stage"] == 2

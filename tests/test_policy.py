@@ -227,10 +227,14 @@ def test_defaults_reproduce_the_papers_decisions_on_a_recorded_sequence(over):
     assert any(m.any() for m in masks) and len({tuple(m.tolist()) for m in masks}) >= 2  # it did decide things
 
 
-def test_defaults_are_the_paper_preset():
-    cfg = MATConfig()
+def test_defaults_are_the_paper_preset_but_alpha_and_beta():
+    cfg, paper = MATConfig(), MATConfig(preset="paper")
     for key, value in PRESETS["paper"].items():
-        assert getattr(cfg, key) == value == DEFAULTS[key], key
+        assert getattr(paper, key) == value, key
+        if key not in ("alpha", "beta"):
+            assert getattr(cfg, key) == value == DEFAULTS[key], key
+    assert (cfg.alpha, cfg.beta) == (DEFAULTS["alpha"], DEFAULTS["beta"]) == (0.05, 0.0)
+    assert (paper.alpha, paper.beta) == (0.1, 0.05)
     assert cfg.reactivate is DEFAULTS["reactivate"] is True
 
 

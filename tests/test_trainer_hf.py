@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, deepspeed_env, run_deepspeed
+from tests.launcher import REPO, deepspeed_env, run_deepspeed, config_template
 
 
 def test_missing_model_directory_is_one_line_error(tmp_path):
@@ -33,7 +33,7 @@ def test_hf_model_from_config_trains_with_mat(tmp_path, family):
         tf.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, max_position_embeddings=64,
                        architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["mat"].update(warmup_steps=10, refresh_interval=5, alpha=0.3, probe_samples=8)
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
     (tmp_path / "ds.json").write_text(json.dumps(cfg))

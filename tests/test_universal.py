@@ -20,7 +20,7 @@ import torch
 from mat_ds import checkpoint as ck
 from mat_ds import universal as uc
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, run_deepspeed
+from tests.launcher import REPO, run_deepspeed, config_template
 
 CHECK = "tests/scripts/universal_check.py"
 FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64", "--vocab_size", "1024",
@@ -113,7 +113,7 @@ def test_retention_removes_a_tags_universal_copy_with_it(tmp_path):
 # Through the launcher
 # ----------------------------------------------------------------------------------------------------------------------
 def write_config(tmp_path: Path, name: str, stage: int, accum: int, **extra) -> str:
-    cfg = json.loads((REPO / "configs" / "bert_mat_zero2.json").read_text())
+    cfg = config_template("bert_mat_zero2.json")
     cfg["zero_optimization"] = {"stage": stage}
     cfg["train_micro_batch_size_per_gpu"] = 8
     cfg["gradient_accumulation_steps"] = accum
@@ -279,7 +279,7 @@ def test_refusals_through_the_launcher(tmp_path):
     assert "loading universal checkpoint global_step2_universal at DP 1 ZeRO-2" in proc.stdout, proc.stdout[-3000:]
     assert [r["trainer/step"] for r in read_metrics(str(tmp_path / "z2" / "metrics.jsonl"))][-2:] == [3, 4]
 
-    switch = json.loads((REPO / "configs" / "switch_mat_ep2.json").read_text())["model"]
+    switch = config_template("switch_mat_ep2.json")["model"]
     launch(tmp_path, write_config(tmp_path, "ep2.json", 2, 1, model=switch), "ep2", 2, "--train_steps", "2",
            "--save_interval", "2")
     before = tree_digest(tmp_path / "ep2" / "checkpoints")

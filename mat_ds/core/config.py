@@ -54,9 +54,12 @@ TEMPORAL_REFERENCES = ("first", "after_warmup")
 TEMPORAL_CHANGES = ("absolute", "relative")
 
 # THE defaults of the policy's rule keys: the value a key takes when neither the user nor a ``preset`` gives it. This
-# dict is the one place to change them (today they equal the paper's rule, PRESETS["paper"], plus reactivate on).
+# dict is the one place to change them. They are the paper's rule (PRESETS["paper"]) except alpha 0.05 and beta 0
+# (no temporal rule), the cell that beat full training in the converge studies (docs/results.md: paired over seeds on a
+# third of WikiText-2 and on Penn Treebank) where the paper's alpha 0.1 / beta 0.05 was a coin toss; "preset":
+# "paper" restores the paper's rule exactly.
 DEFAULTS: dict[str, Any] = {
-    "alpha": 0.1, "beta": 0.05, "reactivate": True, "threshold_scope": "global", "min_active_fraction": 0.0,
+    "alpha": 0.05, "beta": 0.0, "reactivate": True, "threshold_scope": "global", "min_active_fraction": 0.0,
     "selection": "threshold", "selection_score": "lambda", "active_budget": None, "hysteresis": 0.0,
     "probe_normalize": "none", "temporal_reference": "first", "temporal_change": "absolute",
     "temporal_patience": 1, "early_stop": False,
@@ -347,6 +350,8 @@ class MATConfig:
                 "fixed_active_layers", "rand_active_fraction", "modules"]
         if "mlp" in self.modules:
             keys.append("mlp_groups")
+        if self.refresh_backoff > 1:
+            keys.insert(keys.index("refresh_interval_max"), "refresh_backoff")
         if self.policy != "mat":
             keys = [k for k in keys if k not in _MAT_ONLY and k not in ("preset", "alpha", "beta", "threshold_scope",
                                                                          "min_active_fraction", "reactivate")]
