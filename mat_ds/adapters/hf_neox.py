@@ -27,20 +27,11 @@ Attention modules are found structurally (``query_key_value`` (d -> 3d) and ``de
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear, swap_in
-
-
-def _dims(m: Optional[nn.Module]) -> Optional[tuple[int, int]]:
-    """(d_in, d_out) of a linear projection, converted or not (None: not one)."""
-    if isinstance(m, HeadwiseLinear):
-        return m.d_in, m.d_out
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    return None
+from mat_ds.core.headwise import HeadwiseLinear, linear_dims, swap_in
 
 
 def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -48,7 +39,7 @@ def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if not isinstance(getattr(m, "head_size", None), int):
             continue
-        qkv, dense = _dims(getattr(m, "query_key_value", None)), _dims(getattr(m, "dense", None))
+        qkv, dense = linear_dims(getattr(m, "query_key_value", None)), linear_dims(getattr(m, "dense", None))
         if qkv is not None and dense is not None and qkv == (qkv[0], 3 * qkv[0]) and dense == (qkv[0], qkv[0]):
             yield name, m
 
@@ -61,7 +52,7 @@ def _heads(model: nn.Module, attn: nn.Module) -> int:
     """H, checked against head_size and the projection shapes."""
     cfg = getattr(attn, "config", None) or model.config
     H, k = cfg.num_attention_heads, attn.head_size
-    d = _dims(attn.dense)[0]
+    d = linear_dims(attn.dense)[0]
     if H * k != d:
         raise ValueError(f"unexpected attention shapes: d={d}, num_attention_heads={H}, head_size={k}")
     return H

@@ -27,21 +27,12 @@ same code but not verified here. Phi-3's fused MLP ``gate_up_proj`` is not conve
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from mat_ds.core.headwise import HeadwiseLinear, blocked_layout, swap_in
-
-
-def _dims(m: Optional[nn.Module]) -> Optional[tuple[int, int]]:
-    """(d_in, d_out) of a linear projection, converted or not (None: not one)."""
-    if isinstance(m, HeadwiseLinear):
-        return m.d_in, m.d_out
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    return None
+from mat_ds.core.headwise import HeadwiseLinear, blocked_layout, linear_dims, swap_in
 
 
 def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -50,7 +41,7 @@ def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         k, h_kv = getattr(m, "head_dim", None), getattr(m, "num_key_value_heads", None)
         if not isinstance(k, int) or not isinstance(h_kv, int):
             continue
-        qkv, o = _dims(getattr(m, "qkv_proj", None)), _dims(getattr(m, "o_proj", None))
+        qkv, o = linear_dims(getattr(m, "qkv_proj", None)), linear_dims(getattr(m, "o_proj", None))
         if qkv is not None and o is not None and qkv[1] == o[0] + 2 * h_kv * k and o[0] % k == 0:
             yield name, m
 
@@ -65,7 +56,7 @@ def _heads(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
     H = cfg.num_attention_heads
     H_kv = getattr(cfg, "num_key_value_heads", None) or H
     k = attn.head_dim
-    qkv, o = _dims(attn.qkv_proj), _dims(attn.o_proj)
+    qkv, o = linear_dims(attn.qkv_proj), linear_dims(attn.o_proj)
     if H % H_kv or H_kv != attn.num_key_value_heads or qkv[1] != (H + 2 * H_kv) * k or o[0] != H * k:
         raise ValueError(f"unexpected attention shapes qkv_proj {qkv}, o_proj {o} for H={H}, H_kv={H_kv}, "
                          f"head_dim={k}")

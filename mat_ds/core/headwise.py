@@ -368,6 +368,16 @@ def swap_in(parent: nn.Module, attr: str, build) -> bool:
     return True
 
 
+def linear_dims(m: Optional[nn.Module]) -> Optional[tuple[int, int]]:
+    """(d_in, d_out) of a linear projection, converted (head-wise) or not; None when ``m`` is not one. Lets an
+    adapter's structural match see the same layout before and after conversion."""
+    if isinstance(m, HeadwiseLinear):
+        return m.d_in, m.d_out
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return None
+
+
 def headwise_layers(model: nn.Module) -> list[HeadwiseLinear]:
     """Every head-wise linear of ``model`` in module order."""
     return [m for m in model.modules() if isinstance(m, HeadwiseLinear)]
