@@ -11,9 +11,10 @@
 
 The public API: ``initialize`` (``deepspeed.initialize`` + MAT), ``MATConfig`` (the ``"mat"`` block), ``convert_model``
 (what ``initialize`` does to a model first), ``make_headwise`` (mark your own model's attention), ``HeadwiseLinear``
-(build attention that MAT can freeze per head), ``ConfigError`` (every configuration problem, one line).
+(build attention that MAT can freeze per head), ``register_family`` / ``FamilySpec`` (teach ``initialize`` a model
+family of your own: how to match, convert and probe it), ``ConfigError`` (every configuration problem, one line).
 """
-from .adapters import convert_model, make_headwise
+from .adapters import FamilySpec, convert_model, make_headwise, register_family
 from .core.config import ConfigError, MATConfig
 from .core.engine import MATController
 from .core.headwise import HeadwiseLinear
@@ -21,5 +22,5 @@ from .distributed import init_distributed, shutdown_distributed
 from .wrapper import initialize
 
 __all__ = ["initialize", "MATConfig", "MATController", "ConfigError", "convert_model", "make_headwise",
-           "HeadwiseLinear", "init_distributed", "shutdown_distributed"]
+           "register_family", "FamilySpec", "HeadwiseLinear", "init_distributed", "shutdown_distributed"]
 __version__ = "0.2.0"

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from . import universal as uc
+from .core.topology import Topology
 
 CLIENT_KEY = "mat_ds"
 MANIFEST = "mat_ds_files.json"
@@ -80,11 +81,11 @@ def tag_step(tag: str) -> Optional[int]:
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return Topology.current().world
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return Topology.current().rank
 
 
 def _broadcast(value):

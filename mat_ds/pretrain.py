@@ -61,11 +61,13 @@ def _report(exc: Exception) -> None:
     they exit (the launcher kills the remaining ranks as soon as one exits)."""
     import torch.distributed as dist
 
-    together = getattr(exc, "every_rank", False) and dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if together else 0
-    if rank == 0:
+    from .core.topology import Topology
+
+    whole = Topology.current()
+    together = getattr(exc, "every_rank", False) and whole.world > 1
+    if whole.rank == 0 or not getattr(exc, "every_rank", False):
         print(f"error: {exc}", file=sys.stderr, flush=True)
-    if together and dist.get_world_size() > 1:
+    if together:
         try:
             dist.barrier()
         except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for

@@ -30,6 +30,7 @@ from . import checkpoint
 from .config import ConfigError, DataConfig, MATConfig, ModelConfig, RunConfig, as_dict
 from .core.engine import comm_device
 from .core.freezing import GRADIENT_OPS, MOE_DISPATCH_OP, comm_bytes_snapshot
+from .core.topology import Topology
 from .data import DataBundle, global_positions, iter_eval_batches, make_batch, prepare_data
 from .distributed import init_distributed
 from .models.flops import FlopsModel
@@ -130,7 +131,8 @@ class Trainer:
 
     def _setup(self, ds_config: dict, verify_frozen: bool) -> None:
         model_cfg, data_cfg, run_cfg = self.model_cfg, self.data_cfg, self.run_cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        whole = Topology.current()  # before the engine: the whole-world view (rank 0 does the file work)
+        self.rank, self.world = whole.rank, whole.world
         self.is_main = self.rank == 0
         self.data = prepare_data(data_cfg, is_main=self.is_main, barrier=dist.barrier)
         torch.manual_seed(run_cfg.seed)  # identical initial weights on every rank
@@ -161,9 +163,13 @@ class Trainer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"DeepSpeed rejected the config: {first}") from None
         self.mat = getattr(self.engine, "mat", None)  # None: no "mat" block, plain DeepSpeed
+        # Data is sharded over the data-parallel replicas, not the world: the tensor-parallel ranks of a replica must
+        # see the same batches (DeepSpeed AutoTP checks it at the first forward). Without TP, dp == world.
+        self.topology = self.mat.topology if self.mat is not None else Topology.from_engine(self.engine)
+        self.dp_rank, self.dp_size = self.topology.dp_rank, self.topology.dp_size
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
-        self.tokens_per_step = self.micro * self.accum * self.world * data_cfg.seq_len
+        self.tokens_per_step = self.micro * self.accum * self.dp_size * data_cfg.seq_len
         self.switch = switch_layers(self.model)
         self.n_experts = len(self.switch) * model_cfg.moe_num_experts
         self.flops = FlopsModel.for_run(flops_cfg, self.data.tokenizer.vocab_size, data_cfg.seq_len,
@@ -206,7 +212,7 @@ class Trainer:
         if path is not None:
             self.model.active_layers = [True] * self.model_cfg.n_layer  # always evaluate the whole model
         self.engine.eval()
-        for batch in iter_eval_batches(blocks, self.micro, self.rank, self.world, max_batches, self.objective,
+        for batch in iter_eval_batches(blocks, self.micro, self.dp_rank, self.dp_size, max_batches, self.objective,
                                        self.data.tokenizer, self.data_cfg.mlm_probability, self.run_cfg.seed + 99):
             loss = self.forward(batch)
             targets = targets_of(batch["labels"], self.objective) if self.hf else self.model.token_targets(batch["labels"])
@@ -237,10 +243,10 @@ class Trainer:
             tokens_routed = torch.zeros(self.n_experts, dtype=torch.float64)
             watch = None
             for micro_step in range(self.accum):
-                positions = global_positions(step, micro_step, self.rank, self.world, self.micro, self.accum)
+                positions = global_positions(step, micro_step, self.dp_rank, self.dp_size, self.micro, self.accum)
                 batch = make_batch(self.data.train, positions, objective=self.objective, tokenizer=self.data.tokenizer,
                                    mlm_probability=self.data_cfg.mlm_probability, seed=run.seed)
-                _seed_step(run.seed, step, micro_step * self.world + self.rank)
+                _seed_step(run.seed, step, micro_step * self.dp_size + self.dp_rank)
                 loss = self.forward(batch)  # MAT refreshes inside the engine, on refresh steps
                 if watch is None and self.verify_frozen:
                     watch = self.mat.snapshot_frozen()  # after this step's decision, before its update

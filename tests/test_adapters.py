@@ -219,3 +219,47 @@ def test_unit_meaning_consistent_within_layer(case):
                 if m.split == "out":
                     for p in m.unit_params(u):
                         p.copy_(next(it))
+
+
+def test_a_registered_family_is_resolved_once_and_drives_initialize_defaults():
+    # A family of the user's own (one FamilySpec, no mat_ds file touched): convert_model finds it, converts with it,
+    # and the Conversion answers objective / TP support / layer path from the same spec.
+    from torch import nn
+
+    import mat_ds
+    from mat_ds.adapters import spec as registry
+    from mat_ds.core.config import MATConfig
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.q(x)))
+
+    def convert(model):
+        mat_ds.make_headwise(model, layer=0, out_proj=["q"], in_proj=["o"], n_units=2)
+        return 1
+
+    spec = mat_ds.FamilySpec(name="tiny_test", matches=lambda m: isinstance(m, Tiny), convert=convert,
+                             objective=lambda m: "causal_lm")
+    mat_ds.register_family(spec)
+    try:
+        model = Tiny()
+        x = torch.randn(3, 8)
+        before = model(x)
+        conversion = mat_ds.convert_model(model)
+        assert conversion.spec is spec and conversion.family == "tiny_test"
+        assert len(list(mat_ds.adapters.headwise_layers(model))) == 2
+        assert torch.allclose(model(x), before, atol=1e-6)
+        assert conversion.tensor_parallel_kinds() == () and conversion.layer_path(model) is None
+        assert callable(conversion.probe_fn(model, MATConfig()))
+        with pytest.raises(mat_ds.ConfigError, match="built-in"):
+            mat_ds.register_family(mat_ds.FamilySpec(name="hf_bert", matches=spec.matches, convert=convert))
+        mat_ds.register_family(mat_ds.FamilySpec(name="tiny_twin", matches=spec.matches, convert=convert))
+        with pytest.raises(mat_ds.ConfigError, match="several model families"):
+            mat_ds.convert_model(Tiny())
+    finally:
+        registry._REGISTRY.pop("tiny_test", None)
+        registry._REGISTRY.pop("tiny_twin", None)

@@ -18,7 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import mat_ds  # noqa: E402
-from mat_ds.adapters import FAMILIES, _family, hf_neox, hf_phi3  # noqa: E402
+from mat_ds.adapters import hf_neox, hf_phi3  # noqa: E402
+from mat_ds.adapters.spec import registered, resolve  # noqa: E402
 from mat_ds.core.headwise import HeadwiseLinear, headwise_layers  # noqa: E402
 from mat_ds.core.mntk import lambda_max, probe_units  # noqa: E402
 from mat_ds.core.probe import hf_probe_fn  # noqa: E402
@@ -163,17 +164,17 @@ def test_units_idempotence_objective(case):
         before = model(**batch).logits
         conversion = mat_ds.convert_model(model)  # second call: no-op
         assert conversion.family == case.family and not conversion.replaced
-        assert _family(case.family).convert(model) == 0
+        assert resolve(model)[0].convert(model) == 0
         assert [id(p) for p in model.parameters()] == params
         assert torch.equal(model(**batch).logits, before)
-    assert _family(case.family).matches(model)  # still recognised once converted
-    assert _family(case.family).objective(model) == "causal_lm"
+    assert resolve(model)[0].matches(model)  # still recognised once converted
+    assert resolve(model)[0].objective(model) == "causal_lm"
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_no_family_steals_another(case):
     model, _ = _make(case)
-    assert [f for f in FAMILIES if _family(f).matches(model)] == [case.family]
+    assert [s.name for s in registered() if not s.additional and s.matches(model)] == [case.family]
 
 
 @pytest.mark.parametrize("family", sorted(OTHERS))

@@ -52,3 +52,44 @@ def test_hf_model_from_config_trains_with_mat(tmp_path, family):
     base = rows[0]["perf/grad_comm_bytes"]  # nothing frozen at step 1 (warm-up)
     assert all(base - r["perf/grad_comm_bytes"] == 4 * r["mat/frozen_params"] for r in rows)
     assert sum(r["train/loss"] for r in rows[-5:]) < sum(r["train/loss"] for r in rows[:5])
+
+
+@pytest.mark.slow
+def test_trainer_under_autotp_matches_tp1(tmp_path):
+    # The trainer shards data over the data-parallel replicas (its Topology), not the world: the two TP ranks of
+    # a TP 2 x DP 1 run read the same batches (DeepSpeed's AutoTP checks it at the first forward), so the run is the
+    # 1-rank TP 1 run, sharded: same losses, same λ table, frozen units unchanged.
+    import transformers as tf
+
+    model_dir = tmp_path / "llama"
+    tf.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, max_position_embeddings=64,
+                   architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
+    runs = {}
+    for tp in (1, 2):
+        cfg = config_template("bert_mat_zero2.json")
+        cfg["mat"].update(warmup_steps=10, refresh_interval=5, alpha=0.3, probe_samples=8)
+        cfg["scheduler"]["params"]["warmup_num_steps"] = 5
+        cfg["zero_optimization"] = {"stage": 1}
+        if tp > 1:
+            cfg["tensor_parallel"] = {"autotp_size": tp}
+        (tmp_path / f"ds{tp}.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"run{tp}"
+        run_deepspeed(REPO / "launch" / "pretrain.py",
+                      ["--deepspeed_config", str(tmp_path / f"ds{tp}.json"), "--model", f"hf:{model_dir}",
+                       "--out_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--train_steps", "16",
+                       "--eval_interval", "8", "--seq_len", "64", "--vocab_size", "1024", "--verify_frozen",
+                       "--wandb_mode", "disabled"], num_gpus=tp, timeout=600)
+        runs[tp] = read_metrics(str(out / "metrics.jsonl"))
+    one, two = runs[1], runs[2]
+    assert len(one) == len(two) == 16
+    assert max(abs(a["train/loss"] - b["train/loss"]) for a, b in zip(one, two)) < 1e-4
+    lam = [(a, b) for a, b in zip(one, two) if any(k.startswith("mat/lambda_max/") for k in a)]
+    assert lam and all(sorted(k for k in a if k.startswith("mat/lambda_max/")) ==
+                       sorted(k for k in b if k.startswith("mat/lambda_max/")) for a, b in lam)
+    for a, b in lam:
+        for k in (k for k in a if k.startswith("mat/lambda_max/")):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(abs(a[k]), 1e-12), (k, a[k], b[k])
+    frozen = [r for r in two if r["mat/active_fraction"] < 1.0]
+    assert frozen and all(r["mat/frozen_max_abs_change"] == 0.0 for r in frozen)
+    assert [r["mat/active_fraction"] for r in one] == [r["mat/active_fraction"] for r in two]

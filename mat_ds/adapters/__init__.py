@@ -27,7 +27,6 @@ model"); ``deepspeed.moe`` experts need no conversion.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -36,24 +35,24 @@ from torch import nn
 from ..core.config import ConfigError, MATConfig
 from ..core.headwise import HeadwiseLinear, blocked_layout, headwise_layers, swap_in
 from ..core.probe import hf_probe_fn
+from .spec import BUILTIN, FamilySpec, register_family, resolve
 
-FAMILIES = ("own", "hf_bert", "hf_gpt2", "hf_llama", "hf_neox", "hf_phi3")  # disjoint matches: order is free
-ADDITIONAL = ("hf_moe",)  # converted whatever attention family matched (MoE experts)
-
-
-def _family(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
+FAMILIES = tuple(name for name in BUILTIN if name != "hf_moe")  # attention families (disjoint matches)
 
 
 @dataclass
 class Conversion:
     """What ``convert_model`` did: the family, and old parameter -> new parameters for remapping optimizer groups."""
 
-    family: Optional[str]  # None: nothing recognised (user-made head-wise layers and/or MoE experts only)
+    spec: Optional[FamilySpec]  # the family, resolved once (None: user-made head-wise layers / MoE experts only)
     replaced: dict = field(default_factory=dict)  # id(old param) -> [new params]
     # ids of head-wise parameters that tensor parallelism placed on OTHER ranks (core/tensor_parallel.py): dropped
     # from parameter lists, which may name them (a list taken after conversion, or a remapped one)
     dropped: set = field(default_factory=set)
+
+    @property
+    def family(self) -> Optional[str]:
+        return self.spec.name if self.spec is not None else None
 
     def remap(self, model_parameters):
         """Replace the unconverted model's parameters by their head-wise pieces (this rank's, under tensor
@@ -70,45 +69,33 @@ class Conversion:
         return swap(items)
 
     def probe_fn(self, model: nn.Module, cfg: MATConfig) -> Callable:
-        if self.family == "own":
-            return _family("own").probe_fn(cfg)
-        if self.family is None:
+        if self.spec is not None and self.spec.probe_fn is not None:
+            return self.spec.probe_fn(cfg)
+        if self.spec is None or self.spec.objective is None:
             raise ConfigError(f"mat_ds does not know the training objective of {type(model).__name__}: pass "
                               f"probe_fn=(model, batch) -> per-sample scalar [n] to mat_ds.initialize")
-        return hf_probe_fn(_family(self.family).objective(model), cfg.probe_output, cfg.seed)
+        return hf_probe_fn(self.spec.objective(model), cfg.probe_output, cfg.seed)
 
     def tensor_parallel_kinds(self) -> tuple:
         """The unit kinds whose modules run on a TP rank's share of the units, as the family's adapter declares
         (``TENSOR_PARALLEL``: its forward reads head counts from the projection shapes, not the config); ()."""
-        return tuple(getattr(_family(self.family), "TENSOR_PARALLEL", ())) if self.family is not None else ()
+        return self.spec.tensor_parallel if self.spec is not None else ()
 
     def layer_path(self, model: nn.Module):
-        if self.family == "own":
-            return _family("own").LayerPath(model)
-        return None
+        return self.spec.layer_path(model) if self.spec is not None and self.spec.layer_path is not None else None
 
 
 def convert_model(model: nn.Module, mlp_groups: Optional[int] = None) -> Conversion:
     """Convert ``model`` in place (idempotent). ``mlp_groups``: also convert its dense MLP blocks, with that many MAT
     units per layer (None: MLPs stay as they are). See the module docstring."""
     before = {name: p for name, p in model.named_parameters()}
-    family = None
-    for name in FAMILIES + ADDITIONAL:
-        if family is not None and name in FAMILIES:
-            continue  # one attention family only; the ADDITIONAL ones are converted on top of it
-        try:
-            module = _family(name)
-        except ImportError as exc:  # a family whose library is missing (e.g. transformers) cannot match anyway
-            if "transformers" in str(exc):
-                continue
-            raise
-        if module.matches(model):
-            module.convert(model)
-            if mlp_groups is not None and hasattr(module, "convert_mlp"):
-                module.convert_mlp(model, mlp_groups)
-            family = family or name
+    attention, extra = resolve(model)  # THE family lookup (adapters/spec.py)
+    for spec in ([attention] if attention is not None else []) + extra:
+        spec.convert(model)
+        if mlp_groups is not None and spec.convert_mlp is not None:
+            spec.convert_mlp(model, mlp_groups)
     after = dict(model.named_parameters())
-    return Conversion(family, _replacements(before, after))
+    return Conversion(attention or (extra[0] if extra else None), _replacements(before, after))
 
 
 def _replacements(before: dict, after: dict) -> dict:
@@ -178,4 +165,5 @@ def make_headwise(model: nn.Module, layer: int, out_proj: list[str], in_proj: li
                 raise ConfigError(f"make_headwise: {qual}: {exc}") from None
 
 
-__all__ = ["Conversion", "FAMILIES", "convert_model", "make_headwise", "headwise_layers"]
+__all__ = ["Conversion", "FAMILIES", "FamilySpec", "convert_model", "headwise_layers", "make_headwise",
+           "register_family"]

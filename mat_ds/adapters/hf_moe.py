@@ -177,6 +177,9 @@ def _layer_of(name: str, ordinal: int) -> int:
     return int(numbers[0]) if numbers else ordinal
 
 
+ADDITIONAL = True  # converted on top of the attention family that matched (adapters/spec.py)
+
+
 def matches(model: nn.Module) -> bool:
     return next(_experts_modules(model), None) is not None
 

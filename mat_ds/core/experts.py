@@ -6,7 +6,7 @@ Expert ``e`` of an MoE layer is one unit: the parameters of that expert module. 
 expert-parallel rank ``e // num_local_experts``. DeepSpeed's default E+D topology puts ranks [k·ep, (k+1)·ep) in one
 expert-parallel group; the rank inside it is read from DeepSpeed's groups once they exist (after ``initialize``).
 
-Routing recovery for the per-expert mNTK (``mntk.expert_partial_grams`` computes the Gram from what is recorded here):
+Routing recovery for the per-expert mNTK (``expert_partial_grams`` below computes the Gram from what is recorded here):
 the gate's sparse routes give, for every token s of this rank, its expert ``indices[s]`` (-1 if dropped) and its slot
 ``locations[s]`` in that expert's capacity buffer; token s is position ``s % T`` of sample ``s // T``. An expert
 receives ``[ep_size, C, d]`` slots, one slab per source rank of its expert-parallel group. The probe batch is the same
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError
+from .topology import rank_in, size_of
 
 
 def _moe_class():
@@ -65,7 +65,7 @@ class MoELayer:
         if self.moe.expert_group_name not in groups._get_expert_parallel_group_dict():
             # Before deepspeed.initialize creates the groups (mat_ds.initialize lists units once before it): DeepSpeed's
             # default E+D topology, ranks [k·ep, (k+1)·ep) form one group. Listed again from the real groups after.
-            return (dist.get_rank() if dist.is_initialized() else 0) % self.ep_size
+            return rank_in() % self.ep_size
         return int(groups._get_expert_parallel_rank(self.moe.expert_group_name))
 
     @property
@@ -178,7 +178,7 @@ def expert_partial_grams(layers: list[MoELayer], routes: list[dict], grads, shap
     group member with index (j·E + e) mod group size); the caller's all-reduce over all ranks completes the tensor.
     """
     n, T = shape
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = size_of() > 1
     E = layers[0].num_experts if layers else 0
     grams = torch.zeros(len(layers) * E, n, n, dtype=torch.float32)
     grads = iter(grads)
@@ -200,7 +200,7 @@ def expert_partial_grams(layers: list[MoELayer], routes: list[dict], grads, shap
                 continue
             if distributed:
                 edp = layer.data_parallel_group()
-                if (j * E + e) % dist.get_world_size(edp) != dist.get_rank(edp):
+                if (j * E + e) % size_of(edp) != rank_in(edp):
                     continue  # another holder of this expert computes it
             slots = slot_samples(rec, e, T)
             S = torch.zeros(n, slots.numel(), dtype=torch.float32, device=kern.device)
@@ -208,3 +208,31 @@ def expert_partial_grams(layers: list[MoELayer], routes: list[dict], grads, shap
             S[slots[used], used.nonzero().flatten()] = 1.0
             grams[j * E + e] = S @ kern @ S.t()
     return grams
+
+
+class DeepSpeedMoESource:
+    """The experts of ``deepspeed.moe`` layers as a unit source (``sources.UnitSource``, kind "experts"): rows
+    j·E + e (MoE layer j in module order, global expert e). Its recording also puts every MoE layer in probe mode."""
+
+    kind = "experts"
+
+    def __init__(self, layers: list[MoELayer]):
+        self.layers = layers
+        self._routes: list[dict] = []
+
+    def size(self) -> int:
+        return sum(layer.num_experts for layer in self.layers)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[dict]]:
+        with record_routes(self.layers) as routes:
+            self._routes = routes
+            yield routes
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [y for rec in self._routes for recs in rec["linears"].values() for (_, y, _) in recs]
+
+    def partial_grams(self, grads, shape: tuple[int, int], work, device) -> torch.Tensor:
+        grams = expert_partial_grams(self.layers, self._routes, grads, shape).to(device)
+        self._routes = []
+        return grams

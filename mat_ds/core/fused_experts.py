@@ -30,8 +30,9 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from .topology import rank_in, size_of
 
 BLOCK = 4096  # token rows of the kernel built at once
 
@@ -94,9 +95,7 @@ def fused_partial_grams(layers: list[nn.Module], records: list[list], grads, sha
     """This rank's share of Θ^e for every expert of ``layers``, float32 [Σ experts, n, n] in ``find_units`` order
     (zeros for the experts other ranks compute). ``grads``: d(Σf)/dy for ``fused_outputs(records)``, in order."""
     n, T = shape
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    rank, world = rank_in(), size_of()  # experts are split over the whole world (the probe reduces over it)
     counts = [len(m.mat_expert_params()) for m in layers]
     grams = torch.zeros(sum(counts), n, n, dtype=torch.float32, device=device)
     grads = iter(grads)
@@ -127,3 +126,31 @@ def fused_partial_grams(layers: list[nn.Module], records: list[list], grads, sha
             grams[u] += token_kernel_gram(samples, lin, n).to(grams.device)
         offset += E
     return grams
+
+
+class FusedExpertSource:
+    """Per-expert modules of the protocol above as a unit source (``sources.UnitSource``, kind "experts"), after
+    the deepspeed.moe experts in unit order."""
+
+    kind = "experts"
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self._records: list[list] = []
+
+    def size(self) -> int:
+        return sum(len(m.mat_expert_params()) for m in self.layers)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[list]]:
+        with record_fused(self.layers) as records:
+            self._records = records
+            yield records
+
+    def outputs(self) -> list[torch.Tensor]:
+        return fused_outputs(self._records)
+
+    def partial_grams(self, grads, shape: tuple[int, int], work, device) -> torch.Tensor:
+        grams = fused_partial_grams(self.layers, self._records, grads, shape, device)
+        self._records = []
+        return grams

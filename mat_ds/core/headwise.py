@@ -270,7 +270,7 @@ class HeadwiseLinear(nn.Module):
             for u in range(n_units):
                 self.register_parameter(f"b{u}", nn.Parameter(torch.zeros(k, **factory)))
         self.bias = nn.Parameter(torch.zeros(d_out, **factory)) if bias and split == "in" else None
-        self.recorder: Optional[list] = None  # set by mat_ds.core.mntk.record_activations
+        self.recorder: Optional[list] = None  # set by mat_ds.core.headwise_gram.record_activations
 
     # -- construction from existing layers ----------------------------------------------------------------------------
     @classmethod

@@ -39,141 +39,40 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import ghost
-from .experts import expert_partial_grams, record_routes
-from .fused_experts import fused_outputs, fused_partial_grams, record_fused
-from .headwise import HeadwiseLinear
-from .units import ModelUnits
+from .experts import DeepSpeedMoESource, expert_partial_grams, record_routes  # noqa: F401 - public names
+from .fused_experts import FusedExpertSource
+from .headwise_gram import (SPLITS, HeadwiseSource, is_zero3_partitioned, record_activations,  # noqa: F401
+                            resolve_split, shard_unit_gram, unit_bias_gram, unit_param_shape, zero3_owned_range)
+from .sources import RoutingOnly, UnitSource, WorkSplit
+from .topology import rank_in, size_of
+from .units import KINDS, ModelUnits
 
-SPLITS = ("auto", "layer", "shard")
 ProbeFn = Callable[[nn.Module, dict], torch.Tensor]
+__all__ = ["ProbeFn", "SPLITS", "UnitProbe", "comm_snapshot", "expert_partial_grams", "is_zero3_partitioned",
+           "lambda_max", "probe_units", "record_activations", "record_routes", "resolve_split", "shard_unit_gram",
+           "unit_bias_gram", "unit_param_shape", "unit_sources", "zero3_owned_range"]
 
 
-@contextlib.contextmanager
-def record_activations(layers: list[HeadwiseLinear]) -> Iterator[list]:
-    """Make every head-wise linear append (module, X, Y) to the yielded list while the context is open."""
-    records: list = []
-    for m in layers:
-        m.recorder = records
-    try:
-        yield records
-    finally:
-        for m in layers:
-            m.recorder = None
-
-
-def is_zero3_partitioned(p: torch.nn.Parameter) -> bool:
-    """True for a parameter that ZeRO-3 has partitioned (it carries its local chunk in ``ds_tensor``)."""
-    return getattr(p, "ds_tensor", None) is not None
-
-
-def zero3_owned_range(p: torch.nn.Parameter) -> tuple[int, int, int]:
-    """(lo, hi, world): the flat elements [lo, hi) of ``p`` held in this rank's ZeRO-3 chunk, and the partition size.
-
-    Mirrors ``deepspeed.runtime.zero.partition_parameters.Init._partition_param`` (0.19.8): the flattened parameter
-    is padded to a multiple of the partition world and cut into equal chunks of ``ds_tensor.ds_numel`` elements;
-    rank r of ``p.ds_process_group`` holds [r·ps, (r+1)·ps), of which only the part below ``ds_numel`` is real
-    (a rank may own nothing at all when numel < world). tests/scripts/zero3_gram_check.py checks this against
-    ``deepspeed.zero.GatheredParameters``.
-    """
-    ps = int(getattr(p.ds_tensor, "ds_numel", p.ds_tensor.numel()))
-    pg = getattr(p, "ds_process_group", None)
-    rank = getattr(p, "ds_zero_partition_rank", None)
-    world = getattr(p, "ds_zero_partition_world_size", None)
-    if rank is None or world is None:  # older/newer DeepSpeed without the cached values
-        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
-    numel = int(p.ds_numel)
-    lo = min(int(rank) * ps, numel)
-    return lo, min(lo + ps, numel), int(world)
-
-
-def unit_param_shape(module: HeadwiseLinear) -> tuple[int, int]:
-    """(rows, cols) of ONE unit's weight parameter of a head-wise linear."""
-    k = module.unit_layout().shape[1]
-    return (k, module.d_in) if module.split == "out" else (module.d_out, k)
-
-
-def shard_unit_gram(x: torch.Tensor, dy: torch.Tensor, module: HeadwiseLinear, lo: int, hi: int) -> torch.Tensor:
-    """Partial Gram Σ_{e in [lo, hi)} G_i^u[e] G_j^u[e] of every unit u over one flat element range of its weight
-    parameter: [U, n, n]. ``x`` [n, T, d_in], ``dy`` [n, T, d_out] are the layer's input and output gradient.
-
-    [lo, hi) indexes the row-major flattening of ONE unit's weight (``w{u}``) and is the same for every unit, because
-    all units of a layer have the same shape and hence the same ZeRO-3 chunking. [0, rows·cols) gives the full Gram.
-    Only the parameter rows the range touches are computed (at most two of them partial), so a rank owning 1/world of
-    the elements does ~1/world of the GEMM work.
-    """
-    n, U = x.shape[0], module.n_units
-    rows, cols = unit_param_shape(module)
-    if not 0 <= lo <= hi <= rows * cols:
-        raise ValueError(f"range [{lo}, {hi}) outside a unit parameter of {rows}x{cols} elements")
-    if hi == lo:  # this rank owns nothing of the parameter (numel < world, or the padded tail)
-        return torch.zeros(U, n, n, dtype=x.dtype, device=x.device)
-    lay = module.unit_layout().to(x.device)
-    r0, r1 = lo // cols, (hi - 1) // cols + 1  # parameter rows [r0, r1) hold the range
-    a, b = lo - r0 * cols, hi - r0 * cols  # the range within those rows, flattened
-    out = torch.empty(U, n, n, dtype=x.dtype, device=x.device)
-    # One unit at a time, into buffers allocated once: only ONE unit's per-sample gradients (1/U of the layer's) and
-    # one activation slice exist at once, which is what the cost model (ghost.layer_cost) charges and
-    # mat.probe_memory_mb bounds (fresh tensors per unit let the allocator hold several at its peak).
-    T = x.shape[1]
-    if module.split == "out":  # row r of unit u is output channel lay[u, r]; X stays whole
-        sel = torch.empty(n, T, r1 - r0, dtype=dy.dtype, device=dy.device)
-        g = torch.empty(n, r1 - r0, cols, dtype=x.dtype, device=x.device)
-    else:  # row r of every unit is output channel r; unit u owns input channels lay[u]
-        sel = torch.empty(n, T, cols, dtype=x.dtype, device=x.device)
-        g = torch.empty(n, r1 - r0, cols, dtype=x.dtype, device=x.device)
-        dy_rows = dy[..., r0:r1].transpose(1, 2)  # [n, nr, T], a view
-    for u in range(U):
-        if module.split == "out":
-            torch.index_select(dy, -1, lay[u, r0:r1], out=sel)
-            torch.bmm(sel.transpose(1, 2), x, out=g)  # [n, nr, d_in]
-        else:
-            torch.index_select(x, -1, lay[u], out=sel)
-            torch.bmm(dy_rows, sel, out=g)  # [n, nr, k]
-        flat = g.view(n, -1)[:, a:b]  # drop the parts of the partial first/last rows outside the range
-        out[u] = flat @ flat.t()
+def unit_sources(units: ModelUnits, kinds: tuple) -> list[UnitSource]:
+    """The sources of the measured ``kinds``, in ``units.KINDS`` order (THE order of the Gram table). deepspeed.moe
+    layers are always in probe mode (no token dropping), also when their experts are not measured: f_i must not
+    depend on the other probe samples, nor on which kinds are measured (``mat.modules``)."""
+    out: list[UnitSource] = []
+    for kind in KINDS:
+        if kind in ("heads", "mlp"):
+            if kind in kinds and units.layers_of(kind):
+                out.append(HeadwiseSource(kind, units.layers_of(kind)))
+        elif units.moe_layers:
+            moe = DeepSpeedMoESource(units.moe_layers)
+            out.append(moe if kind in kinds else RoutingOnly(moe.recording()))
+    if "experts" in kinds and getattr(units, "fused_expert_layers", None):
+        out.append(FusedExpertSource(list(units.fused_expert_layers)))  # after deepspeed.moe's experts
     return out
-
-
-def unit_bias_gram(dy: torch.Tensor, module: HeadwiseLinear) -> torch.Tensor:
-    """Θ contribution of the per-unit biases (split "out"): per-sample bias gradient Σ_t dY_it[lay[u]]. [U, n, n]."""
-    lay = module.unit_layout().to(dy.device)
-    gb = dy.sum(1).index_select(-1, lay.flatten()).reshape(dy.shape[0], module.n_units, -1)  # [n, U, k]
-    return torch.einsum("nuk,muk->unm", gb, gb)
-
-
-def resolve_split(units: ModelUnits, split: str = "auto") -> str:
-    """``"auto"`` -> ``"shard"`` if the head-wise parameters are ZeRO-3 partitioned, else ``"layer"``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if split != "auto":
-        return split
-    params = [p for u in units.heads + units.mlp for p in u.params]
-    return "shard" if any(is_zero3_partitioned(p) for p in params) else "layer"
-
-
-def _owned_range(module: HeadwiseLinear, layer: int, split: str, rank: int, world: int) -> tuple[int, int]:
-    """The flat range [lo, hi) of each unit weight of ``module`` whose Gram terms this rank computes."""
-    rows, cols = unit_param_shape(module)
-    params = module.weight_params()
-    if split == "shard" and is_zero3_partitioned(params[0]):
-        ranges = {zero3_owned_range(p) for p in params}
-        if len(ranges) != 1:  # cannot happen for equal-shaped units in one group; never sum a wrong cover
-            raise RuntimeError(f"units of one layer are chunked differently by ZeRO-3: {sorted(ranges)}")
-        lo, hi, part_world = ranges.pop()
-        if part_world != world:
-            # e.g. MiCS/hpZ-style sub-group partitioning: summing over `group` would count elements several times.
-            raise ValueError(f"ZeRO-3 partitions head-wise parameters over {part_world} ranks but the Gram is reduced "
-                             f"over {world}; pass the partition group as `group`, or use split='layer'")
-        return lo, hi
-    # split="layer", or a head-wise layer that is not partitioned: the whole layer goes to one rank.
-    return (0, rows * cols) if layer % world == rank else (0, 0)
 
 
 def comm_snapshot() -> Optional[dict[str, int]]:
@@ -229,9 +128,8 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
                 split: str = "auto", experts: bool = False, gram: str = "auto",
                 memory_limit_bytes: int = 2 << 30, mlp: bool = False, topology=None) -> UnitProbe:
     """Θ for every attention unit (with ``mlp``, every MLP unit; with ``experts``, every MoE expert) plus the refresh's
-    communication and work, from ONE probe forward and ONE activation backward (see the module docstring). MLP units
-    are head-wise linears like attention units, so they take exactly the same path (materialised or ghost form, layer
-    or ZeRO-3 shard split) and share the one all-reduce.
+    communication and work, from ONE probe forward and ONE activation backward (see the module docstring): a loop
+    over the unit sources (``sources.py``; ``unit_sources`` gives them in ``KINDS`` order) and one all-reduce.
 
     Every rank of ``group`` must call this with the same probe batch (one collective per call, in the same order).
     Experts are reduced over all ranks, so ``experts=True`` needs the default (world) group. ``batch`` must hold an
@@ -251,42 +149,34 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     if experts and group is not None:
         raise ValueError("experts=True reduces over the world group; do not pass a sub-group")
     n, T = batch["input_ids"].shape[:2]
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank(group) if distributed else 0
-    world = dist.get_world_size(group) if distributed else 1
-    reduce_world = world  # the all-reduce's size; `rank`/`world` below are the work split's
+    rank, world = rank_in(group), size_of(group)
+    reduce_world = world  # the all-reduce's size; the WorkSplit's rank/world are the work split's
     if topology is not None and topology.tensor_parallel:
         if group is not None or experts:
             raise ValueError("under tensor parallelism the probe reduces over the world and measures no experts")
         rank, world = topology.dp_rank, topology.dp_size
-    split = resolve_split(units, split)
-    kinds = ["heads"] + (["mlp"] if mlp and units.mlp else [])
-    layers = [m for kind in kinds for mods in units.layers_of(kind).values() for m in mods]
-    moe = units.moe_layers if experts else []
-    fused = list(getattr(units, "fused_expert_layers", [])) if experts else []  # per-expert modules (fused_experts.py)
+    kinds = ("heads",) + (("mlp",) if mlp else ()) + (("experts",) if experts else ())
+    work = WorkSplit(rank, world, resolve_split(units, split), gram, memory_limit_bytes, group)
+    sources = unit_sources(units, kinds)
 
     was_training = model.training
     model.eval()
     comm_before = comm_snapshot()
     try:
-        # Probe-mode routing (no token dropping) in EVERY MoE layer, also when only heads are measured: f_i must not
-        # depend on the other probe samples, nor on whether experts are measured too (mat.modules).
-        with torch.enable_grad(), record_activations(layers) as records, \
-                record_routes(units.moe_layers) as routes, record_fused(fused) as frecs:
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for source in sources:
+                stack.enter_context(source.recording())
             f = probe_fn(model, batch)
             if f.shape != (n,):
                 raise ValueError(f"probe_fn must return one scalar per probe sample, shape [{n}], got {tuple(f.shape)}")
-            outputs = [y for (_, _, y) in records]
-            expert_outputs = [y for rec in routes for recs in rec["linears"].values() for (_, y, _) in recs] \
-                if moe else []
-            k0, k1 = len(outputs), len(outputs) + len(expert_outputs)
-            grads = torch.autograd.grad(f.float().sum(), outputs + expert_outputs + fused_outputs(frecs),
-                                        allow_unused=True)
-            egrams = expert_partial_grams(moe, routes, grads[k0:k1], (n, T)) if moe else None
-            if fused:  # experts of protocol modules (e.g. converted HF Mixtral) follow deepspeed.moe's in unit order
-                fgrams = fused_partial_grams(fused, frecs, grads[k1:], (n, T), batch["input_ids"].device)
-                egrams = fgrams if egrams is None else torch.cat([egrams.to(fgrams.device), fgrams])
-            grads = grads[:k0]
+            outputs = [source.outputs() for source in sources]
+            flat = [y for outs in outputs for y in outs]
+            grads = torch.autograd.grad(f.float().sum(), flat, allow_unused=True) if flat else ()
+            device = batch["input_ids"].device
+            parts, k = [], 0
+            for source, outs in zip(sources, outputs):
+                parts.append(source.partial_grams(grads[k:k + len(outs)], (n, T), work, device))
+                k += len(outs)
     finally:
         model.train(was_training)
     comm_after = comm_snapshot()
@@ -294,52 +184,25 @@ def probe_units(model: nn.Module, units: ModelUnits, batch: dict, probe_fn: Prob
     if comm_before is not None and comm_after is not None:
         probe_comm = {op: b - comm_before.get(op, 0) for op, b in comm_after.items() if b - comm_before.get(op, 0)}
 
-    # Row offset of each (kind, layer)'s units in ONE tensor of all head-wise units: heads by layer, then MLP units by
-    # layer (layers sorted by tag, as in units.heads / units.mlp).
-    offset, start, n_kind = {}, 0, {}
-    for kind in kinds:
-        by_layer = units.layers_of(kind)
-        first = start
-        for layer in sorted(by_layer):
-            offset[(kind, layer)] = start
-            start += by_layer[layer][0].units_total  # all TP ranks' units: the table is global
-        n_kind[kind] = start - first
-    device = batch["input_ids"].device
-    grams = torch.zeros(start, n, n, dtype=torch.float32, device=device)
-    done = total = 0
-    for (module, x, _), dy in zip(records, grads):
-        layer, U = int(module.layer), module.n_units
-        base = offset[(getattr(module, "kind", "heads"), layer)] + module.unit_offset  # this rank's first unit
-        rows, cols = unit_param_shape(module)
-        total += n * U * rows * cols
-        if dy is None:  # this output does not reach f (cannot happen for a connected model): Θ contribution 0
-            continue
-        x, dy = x.float(), dy.float()
-        sl = slice(base, base + U)
-        if ghost.choose(module, n, x.shape[1], gram, memory_limit_bytes) == "ghost":
-            if layer % world == rank:
-                grams[sl] += ghost.ghost_unit_gram(x, dy, module)
-            if module.has_unit_bias and layer % world == rank:
-                grams[sl] += unit_bias_gram(dy, module)
-            continue
-        lo, hi = _owned_range(module, layer, split, rank, world)
-        if hi > lo:
-            grams[sl] += shard_unit_gram(x, dy, module, lo, hi)
-            done += n * U * (hi - lo)
-        if module.has_unit_bias and layer % world == rank:
-            grams[sl] += unit_bias_gram(dy, module)
+    table = torch.cat([p.to(device) for p in parts]) if parts else torch.zeros(0, n, n, device=device)
     sent = 0
-    if reduce_world > 1:  # ONE all-reduce for attention units and experts
-        flat = torch.cat([grams.flatten()] + ([egrams.flatten().to(device)] if egrams is not None else []))
-        dist.all_reduce(flat, group=group)
-        sent = flat.numel() * flat.element_size()
-        grams = flat[:grams.numel()].view_as(grams)
-        if egrams is not None:
-            egrams = flat[grams.numel():].view_as(egrams)
-    grams = grams.double()
-    nh = n_kind["heads"]
-    return UnitProbe(grams[:nh], None if egrams is None else egrams.double(), split, sent, probe_comm, done, total,
-                     mlp_grams=grams[nh:] if "mlp" in kinds else None)
+    if reduce_world > 1:  # ONE all-reduce for every kind of unit
+        import torch.distributed as dist  # the collective itself; ranks and groups come from topology.py
+
+        dist.all_reduce(table, group=group)
+        sent = table.numel() * table.element_size()
+    table = table.double()
+    by_kind: dict[str, list] = {}
+    start = 0
+    for source, part in zip(sources, parts):
+        by_kind.setdefault(source.kind, []).append(table[start:start + part.shape[0]])
+        start += part.shape[0]
+    grams = {kind: torch.cat(blocks) for kind, blocks in by_kind.items()}
+    headwise = [s for s in sources if isinstance(s, HeadwiseSource)]
+    empty = torch.zeros(0, n, n, dtype=torch.float64, device=device)
+    return UnitProbe(grams.get("heads", empty), grams.get("experts") if experts else None, work.split, sent,
+                     probe_comm, sum(s.done for s in headwise), sum(s.total for s in headwise),
+                     mlp_grams=grams.get("mlp") if mlp else None)
 
 
 def lambda_max(grams: torch.Tensor, normalize: str = "none") -> torch.Tensor:

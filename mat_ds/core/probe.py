@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .topology import size_of
 
 OBJECTIVES = ("masked_lm", "causal_lm")
 
@@ -148,8 +149,8 @@ class ProbeSet:
         if self.ready:
             return
         mine = self._as_batch(args, kwargs)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            gathered: list = [None] * dist.get_world_size(self.group)
+        if size_of(self.group) > 1:
+            gathered: list = [None] * size_of(self.group)
             dist.all_gather_object(gathered, mine, group=self.group)
         else:
             gathered = [mine]

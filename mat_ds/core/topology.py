@@ -14,10 +14,11 @@ instead of assuming that the world is one data-parallel group:
   head-wise layers first (``mat_ds/core/tensor_parallel.py``; the engine then reuses the same groups);
 * expert parallel: ``engine.expert_parallel_group`` (group name -> group), sizes only.
 
-Still reading ranks on their own (not yet migrated): ``experts.py`` (expert-parallel rank of deepspeed.moe layers),
-``fused_experts.py`` (its work split over the world), the ZeRO-3 shard split in ``mntk.py`` (over each parameter's
-``ds_process_group``), ``checkpoint.py``, ``train.py``, ``pretrain.py`` (whole-world rank 0 / barriers, which stay
-correct under TP). None of them runs under tensor parallelism: MoE and ZeRO-3 are refused there.
+This module is the ONE place of mat_ds that asks ``torch.distributed`` for a rank or a group size
+(``tests/test_house.py`` checks it): everything else takes a ``Topology`` (``from_engine`` once the engine exists,
+``current()`` for the whole-world view before it: the trainer's rank-0 work, checkpoint broadcasts, error reports) or
+asks ``rank_in(group)`` / ``size_of(group)`` about a group DeepSpeed made for one purpose (a deepspeed.moe layer's
+expert-data-parallel group, a ZeRO-3 parameter's partition group when DeepSpeed did not cache its rank in it).
 """
 from __future__ import annotations
 
@@ -63,10 +64,20 @@ class Topology:
         return cls(rank=0, world=1)
 
     @classmethod
+    def current(cls) -> "Topology":
+        """The whole-world view (every rank one data-parallel replica), for code that runs before an engine exists
+        or does not care about its groups: rank 0's file work, barriers, broadcasts. Single process without a
+        process group."""
+        if not distributed():
+            return cls.single()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank=rank, world=world, dp_rank=rank, dp_size=world)
+
+    @classmethod
     def from_engine(cls, engine) -> "Topology":
         """Read the layout from a built ``DeepSpeedEngine`` (see the module docstring for which groups)."""
         stage = int(engine.zero_optimization_stage())
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return cls(rank=0, world=1, zero_stage=stage)
         from deepspeed.utils import groups
 
@@ -92,11 +103,31 @@ class Topology:
                    zero_stage=stage)
 
     @property
+    def is_main(self) -> bool:
+        """Rank 0 of the whole job: the one that writes files, prints and logs."""
+        return self.rank == 0
+
+    @property
     def tensor_parallel(self) -> bool:
         return self.tp_size > 1
 
     def describe(self) -> str:
         return f"world {self.world} = dp {self.dp_size} x tp {self.tp_size}, ZeRO-{self.zero_stage}"
+
+
+def distributed() -> bool:
+    """True when a default process group exists (a launched job; False in a plain single process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_in(group=None) -> int:
+    """This rank's index in ``group`` (None: the world); 0 without a process group."""
+    return dist.get_rank(group=group) if distributed() else 0
+
+
+def size_of(group=None) -> int:
+    """Number of ranks in ``group`` (None: the world); 1 without a process group."""
+    return dist.get_world_size(group=group) if distributed() else 1
 
 
 def autotp_size(ds_config: Optional[dict]) -> int:

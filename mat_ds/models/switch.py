@@ -28,12 +28,12 @@ The per-expert mNTK (routing recovery, probe-mode routing without token dropping
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..core.headwise import init_std_for_residual
+from ..core.topology import Topology, distributed
 
 
 class ExpertMLP(nn.Module):
@@ -59,12 +59,12 @@ def expert_parallel_rank(ep_size: int) -> int:
     """This rank's index in its expert-parallel group under DeepSpeed's default E+D topology."""
     if ep_size == 1:
         return 0
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         raise ConfigError(f"moe_ep_size={ep_size} needs the distributed launcher (deepspeed --num_gpus N)")
-    world = dist.get_world_size()
-    if world % ep_size:
-        raise ConfigError(f"moe_ep_size={ep_size} must divide the number of ranks ({world})")
-    return dist.get_rank() % ep_size
+    whole = Topology.current()
+    if whole.world % ep_size:
+        raise ConfigError(f"moe_ep_size={ep_size} must divide the number of ranks ({whole.world})")
+    return whole.rank % ep_size
 
 
 class SwitchMLP(nn.Module):
