@@ -88,7 +88,9 @@ def layout_of(engine) -> dict:
     module = getattr(engine, "module", None)
     if module is not None:
         ep = max([int(getattr(m, "ep_size", 1) or 1) for m in module.modules() if _is_moe_layer(m)], default=1)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from .core.topology import Topology  # the one home of ranks and group sizes
+
+    world = Topology.current().world
     batch_fn = getattr(engine, "train_batch_size", None)
     return {"world": world, "dp": int(getattr(engine, "dp_world_size", 0) or max(world // tp, 1)), "tp": tp, "ep": ep,
             "zero_stage": stage, "global_batch": int(batch_fn()) if callable(batch_fn) else None}
