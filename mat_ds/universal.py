@@ -1,4 +1,4 @@
-"""Elastic resume: a checkpoint written at one layout (data-parallel size, ZeRO stage) resumed at another, through
+"""Elastic resume: a checkpoint written at one layout (data- or tensor-parallel size, ZeRO stage) resumed at another, through
 DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal`` + ``"checkpoint": {"load_universal": true}``).
 
 What DeepSpeed 0.19.8 does with mat_ds checkpoints (measured on CPU/gloo, mat_ds's trainer, MAT freezing heads; the
@@ -22,8 +22,16 @@ resumed run's losses compared with an uninterrupted run; ``docs/elastic_resume.m
 * deepspeed.moe with expert parallelism (``moe_ep_size`` > 1): ``ds_to_universal`` fails (each rank names its local
   experts ``deepspeed_experts.0..``, so fragments of different experts meet under one name: "shape '[256]' is invalid
   for input of size 512"). Refused before converting. MoE with ``moe_ep_size`` 1 converts and resumes exactly.
-* Tensor parallelism (mat_ds's own sharding of the head-wise layers is being built): a TP change, or a DP change under
-  TP > 1, is refused with one line for now.
+* Tensor parallelism (DeepSpeed AutoTP + mat_ds's head-wise sharding, ZeRO-1/2, fp32): TP 2 -> TP 1, TP 1 -> TP 2
+  and TP 2 x DP 2 -> TP 2 x DP 1 resume through a universal copy (HF LLaMA-GQA, tests/test_universal.py): MAT's
+  state equal, every weight bit for bit, frozen units unchanged, the next losses within 2.4e-7 of the uninterrupted
+  run's (another TP size sums in another order). Head-wise units are saved under their global names with an affine
+  map (core/tensor_parallel.py), and mat_ds's converter (``python -m mat_ds.universal``, what the automatic
+  conversion runs) works around two DeepSpeed 0.19.8 ``ds_to_universal`` defects that otherwise stop the conversion
+  of such a checkpoint or its load: zero-element parameters are missing from the ``param_shapes`` the converter
+  reads (``converter_input``), and an empty ``step.pt`` is written for a parameter TP rank 0 does not hold
+  (``repair_steps``). Refused in one line: a TP change under ZeRO-0 (nothing to convert; a universal copy loads
+  only through a ZeRO optimizer), and TP re-layouts of checkpoints saved before units had global names.
 
 How mat_ds uses it (``checkpoint.load``; the trainer's ``--universal auto|never|always``):
 
@@ -43,6 +51,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -57,6 +66,9 @@ SUFFIX = "_universal"
 STAGING = ".universal."  # prefix of the hidden directory a conversion writes into (never a resume candidate)
 POLICIES = ("auto", "never", "always")
 HEARTBEAT_SECONDS = 2.0
+# How a TP > 1 save names its head-wise unit parameters: "global" (``w{u}`` = global unit u, whole on the rank that
+# owns it, emptied on the others; described to DeepSpeed by an affine map). Saves without it named them per rank.
+TP_UNIT_NAMES = "global"
 _FILES_RE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 _MP_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
@@ -91,9 +103,18 @@ def layout_of(engine) -> dict:
     from .core.topology import Topology  # the one home of ranks and group sizes
 
     world = Topology.current().world
-    batch_fn = getattr(engine, "train_batch_size", None)
-    return {"world": world, "dp": int(getattr(engine, "dp_world_size", 0) or max(world // tp, 1)), "tp": tp, "ep": ep,
-            "zero_stage": stage, "global_batch": int(batch_fn()) if callable(batch_fn) else None}
+    dp = int(getattr(engine, "dp_world_size", 0) or max(world // tp, 1))
+    micro_fn, accum_fn = (getattr(engine, k, None) for k in ("train_micro_batch_size_per_gpu",
+                                                            "gradient_accumulation_steps"))
+    if callable(micro_fn) and callable(accum_fn):  # samples per optimizer step: TP ranks of a replica share theirs
+        batch = int(micro_fn()) * int(accum_fn()) * dp
+    else:
+        batch_fn = getattr(engine, "train_batch_size", None)
+        batch = int(batch_fn()) if callable(batch_fn) else None
+    out = {"world": world, "dp": dp, "tp": tp, "ep": ep, "zero_stage": stage, "global_batch": batch}
+    if tp > 1:
+        out["tp_units"] = TP_UNIT_NAMES  # head-wise units under their global names (core/tensor_parallel.py)
+    return out
 
 
 def _is_moe_layer(module) -> bool:
@@ -184,58 +205,60 @@ class Refusal(Exception):
     ``CheckpointError``)."""
 
 
-def convert_command(save_dir: str, tag: str) -> str:
+def convert_command(save_dir: str, tag: str, tp: int = 1) -> str:
+    """The command that makes ``TAG_universal`` by hand: DeepSpeed's converter; under tensor parallelism mat_ds's
+    wrapper of it, which also repairs the ``step`` files DeepSpeed 0.19.8 writes wrong there (``repair_steps``)."""
     src = os.path.join(save_dir, tag)
-    return (f"python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {src} "
-            f"--output_folder {src}{SUFFIX}")
+    tool = "mat_ds.universal" if tp > 1 else "deepspeed.checkpoint.ds_to_universal --inject_missing_state"
+    return f"python -m {tool} --input_folder {src} --output_folder {src}{SUFFIX}"
 
 
 def decide(src: dict, cur: dict, policy: str, tag_is_universal: bool, save_dir: str = "", tag: str = "") -> str:
     """'plain' (DeepSpeed's ordinary load) or 'universal' (through ``TAG_universal``); raises ``Refusal``."""
     where = f"checkpoint {tag} was written at {describe(src)}; this run is {describe(cur)}"
     cur_family, src_family = _family_of(cur), _family_of(src)
+    src_tp, cur_tp = src.get("tp") or 1, cur.get("tp") or 1
     if tag_is_universal or policy == "always":
         if cur_family == "0":
             raise Refusal(f"{where}: a universal checkpoint loads into ZeRO stage 1, 2 or 3 only (DeepSpeed restores "
                           f"its weights through the ZeRO optimizer); set zero_optimization.stage 1-3, or resume "
                           f"{tag.removesuffix(SUFFIX)} without --universal always")
-        if (cur.get("tp") or 1) > 1:
-            raise Refusal(f"{where}: universal checkpoints under tensor parallelism are not supported by mat_ds yet; "
-                          f"resume at TP 1")
-    tp_changed = (src.get("tp") or 1) != (cur.get("tp") or 1)
+    tp_changed = src_tp != cur_tp
     dp_changed = src.get("dp") is not None and src["dp"] != cur.get("dp")
     ep_changed = src.get("ep") is not None and src["ep"] != cur.get("ep")
     stage_changed = (src.get("zero_stage") is not None and cur.get("zero_stage") is not None
                      and src["zero_stage"] != cur["zero_stage"])
-    if tp_changed:
-        raise Refusal(f"{where}: changing the tensor-parallel size on resume is not supported by mat_ds yet (its "
-                      f"head-wise tensor parallelism has no universal-checkpoint description); resume at TP "
-                      f"{src.get('tp') or 1}")
+    relayout = tp_changed or dp_changed or ep_changed or stage_changed or tag_is_universal or policy == "always"
+    if src_tp > 1 and relayout and not src.get("inferred") and src.get("tp_units") != TP_UNIT_NAMES:
+        raise Refusal(f"{where}: it was saved by a mat_ds that named each TP rank's head-wise units w0.. locally (the "
+                      f"same name for different units on different ranks), which no universal checkpoint can "
+                      f"re-shard; resume it at {describe(src)}")
     if src_family and cur_family and src_family != cur_family:
         raise Refusal(f"{where}: DeepSpeed cannot load a ZeRO-{src_family} checkpoint into ZeRO-{cur_family}, not even "
                       f"through a universal checkpoint; resume with zero_optimization.stage "
                       f"{'0' if src_family == '0' else ('1 or 2' if src_family == '1/2' else '3')}")
+    if tp_changed and "0" in (src_family, cur_family):
+        raise Refusal(f"{where}: DeepSpeed re-shards tensor-parallel weights only through a universal checkpoint, "
+                      f"which ZeRO-0 can neither make (no ZeRO optimizer fragments to convert) nor load (its weights "
+                      f"are restored through a ZeRO optimizer); resume at TP {src_tp}, or train with "
+                      f"zero_optimization.stage 1 or 2")
     if tag_is_universal:
         if max(src.get("ep") or 1, cur.get("ep") or 1) > 1:
             raise Refusal(f"{where}: DeepSpeed's universal checkpoint does not support deepspeed.moe expert "
                           f"parallelism (moe_ep_size > 1)")
         return "universal"
-    changed = dp_changed or ep_changed or stage_changed or policy == "always"
-    if not changed:
+    if not relayout:
         return "plain"
-    if (src.get("tp") or 1) > 1:
-        raise Refusal(f"{where}: changing the data-parallel size under tensor parallelism is not supported by mat_ds "
-                      f"yet; resume at {describe(src)}")
     if src_family == "0" and cur_family == "0" and policy != "always":
-        return "plain"  # ZeRO-0 keeps the whole optimizer state in mp_rank_00: any DP size loads it as it is
+        return "plain"  # ZeRO-0 keeps the whole optimizer state in mp_rank_*: any DP size loads it as it is
     if max(src.get("ep") or 1, cur.get("ep") or 1) > 1:
         raise Refusal(f"{where}: DeepSpeed 0.19.8's ds_to_universal cannot convert deepspeed.moe expert-parallel "
                       f"checkpoints (moe_ep_size > 1: every rank names its local experts alike); resume at "
                       f"{describe(src)} (world size {src.get('world', src.get('dp'))})")
     if policy == "never":
         raise Refusal(f"{where}: DeepSpeed re-partitions ZeRO state only through a universal checkpoint, and "
-                      f"--universal never forbids converting; run `{convert_command(save_dir, tag)}` and rerun "
-                      f"with --resume {universal_tag(tag)}, or drop --universal never to let mat_ds convert it")
+                      f"--universal never forbids converting; run `{convert_command(save_dir, tag, src_tp)}` and "
+                      f"rerun with --resume {universal_tag(tag)}, or drop --universal never to let mat_ds convert it")
     return "universal"
 
 
@@ -283,13 +306,15 @@ def _start(save_dir: str, tag: str) -> tuple[subprocess.Popen, str, str]:
     os.makedirs(staging)
     out = os.path.join(staging, universal_tag(tag))
     extract, merge = _workers()
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
-           "--input_folder", os.path.join(save_dir, tag), "--output_folder", out,
-           "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
+    cmd = [sys.executable, "-m", "mat_ds.universal", "--input_folder", os.path.join(save_dir, tag),
+           "--output_folder", out, "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
     log = os.path.join(staging, "convert.log")
+    env = dict(os.environ)  # the converter imports this very mat_ds, wherever it was imported from
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([home, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=save_dir, start_new_session=True)
+                                cwd=save_dir, start_new_session=True, env=env)
     return proc, staging, log
 
 
@@ -303,12 +328,65 @@ def _last_line(log: str) -> str:
     return " ".join((errors or lines or [""])[-1].split())[:200]
 
 
+def _step_files(udir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(udir, "zero", "*", "step.pt")))
+
+
+def _is_bad_step(value) -> bool:
+    import torch
+
+    return torch.is_tensor(value) and value.numel() != 1
+
+
+def bad_steps(udir: str) -> list[str]:
+    """The parameters of universal copy ``udir`` whose ``zero/NAME/step.pt`` is not a step count.
+
+    DeepSpeed 0.19.8's ``ds_to_universal`` (``_merge_zero_shards``) fills the slot of a TP rank that holds none of a
+    parameter with an empty tensor of that rank's shape, also for the Adam ``step``, and then saves the FIRST slot as
+    ``step.pt``: a parameter its TP rank 0 does not hold (every head-wise unit of TP ranks 1..) gets an empty tensor
+    as its step, and DeepSpeed's loader then fails comparing steps ("Boolean value of Tensor with no values is
+    ambiguous"). AutoTP's own uneven splits leave only the LAST ranks empty, which is why DeepSpeed does not see it."""
+    import torch
+
+    out = []
+    for path in _step_files(udir):
+        if _is_bad_step(torch.load(path, map_location="cpu", weights_only=False)):
+            out.append(os.path.basename(os.path.dirname(path)))
+    return out
+
+
+def repair_steps(udir: str) -> int:
+    """Give every parameter of universal copy ``udir`` whose ``step.pt`` is malformed (``bad_steps``) the step count
+    all the others carry; raises ``Refusal`` when those disagree (then no single value is right). Returns how many
+    files it rewrote."""
+    import torch
+
+    good, bad = [], []
+    for path in _step_files(udir):
+        value = torch.load(path, map_location="cpu", weights_only=False)
+        (bad if _is_bad_step(value) else good).append((path, value))
+    if not bad:
+        return 0
+    values = {float(v) for _, v in good}
+    if len(values) != 1:
+        raise Refusal(f"the universal copy {udir} has {len(bad)} malformed step.pt files (DeepSpeed's ds_to_universal "
+                      f"under tensor parallelism) and its other parameters disagree on the step count "
+                      f"({sorted(values)[:4]}), so none can be repaired")
+    step = good[0][1]
+    for path, _ in bad:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(step.clone() if torch.is_tensor(step) else step, tmp)
+        os.replace(tmp, path)
+    return len(bad)
+
+
 def _finish(save_dir: str, tag: str, staging: str, source: dict, seconds: float) -> None:
-    """The converted copy gets its manifest, then takes the name ``TAG_universal`` in one rename (a stale copy of
-    that name is moved aside first and removed after)."""
+    """The converted copy gets its ``step`` files repaired (``repair_steps``) and its manifest, then takes the name
+    ``TAG_universal`` in one rename (a stale copy of that name is moved aside first and removed after)."""
     from .checkpoint import _DELETING, write_manifest
 
     utag = universal_tag(tag)
+    repair_steps(os.path.join(staging, utag))
     write_manifest(staging, utag, extra={"universal_of": tag, "source_id": fingerprint(os.path.join(save_dir, tag)),
                                          "layout": source, "convert_seconds": round(seconds, 3)})
     final = os.path.join(save_dir, utag)
@@ -347,6 +425,8 @@ def convert_collectively(save_dir: str, tag: str, source: dict, rank: int, broad
                         status = ("done", None)
                     except OSError as exc:
                         status = ("failed", f"cannot put the converted copy in place: {exc.strerror or exc}")
+                    except Refusal as exc:
+                        status = ("failed", str(exc))
                 elif rc is not None:
                     why = _last_line(log) or ("killed, probably out of memory" if rc < 0 else f"exit status {rc}")
                     status = ("failed", f"DeepSpeed's ds_to_universal failed ({why}; log {log})")
@@ -437,9 +517,15 @@ def plan(save_dir: str, tag: str, cur: dict, policy: str) -> Plan:
                     f"holds the whole optimizer state on every rank, loading it as it is")
         return Plan("plain", tag, src, note=note + _batch_note(src, cur) if note else "")
     if universal:
+        _check_steps(tag_dir, where=f"universal checkpoint {tag}", fix=f"make it with `python -m mat_ds.universal "
+                     f"--input_folder SOURCE_TAG --output_folder {tag_dir}`, which repairs them")
         return Plan("universal", tag, src, note=f"[mat_ds] loading universal checkpoint {tag} at {describe(cur)}"
                                            + _batch_note(src, cur))
     state = existing_copy(save_dir, tag)
+    if state == "foreign":
+        _check_steps(os.path.join(save_dir, universal_tag(tag)), where=f"the universal copy {universal_tag(tag)} "
+                     f"found next to {tag} (made outside mat_ds)", fix=f"remove it to let mat_ds convert {tag}, or "
+                     f"make it with `{convert_command(save_dir, tag, 2)}`")
     how = {"fresh": f"its universal copy {universal_tag(tag)}",
            "foreign": f"the universal copy {universal_tag(tag)} found next to it (made outside mat_ds)",
            "stale": f"a universal copy, converting it now into {universal_tag(tag)} (replacing a stale copy of an "
@@ -449,9 +535,101 @@ def plan(save_dir: str, tag: str, cur: dict, policy: str) -> Plan:
     return Plan("universal", universal_tag(tag), src, convert=state in ("none", "stale"), note=note)
 
 
+def _check_steps(udir: str, where: str, fix: str) -> None:
+    bad = bad_steps(udir)
+    if bad:
+        raise Refusal(f"{where} has {len(bad)} malformed zero/*/step.pt files (e.g. {bad[0]}: an empty tensor, not a "
+                      f"step count; DeepSpeed 0.19.8's ds_to_universal writes them for parameters its TP rank 0 does "
+                      f"not hold), which DeepSpeed's loader cannot read; {fix}")
+
+
 def _batch_note(src: dict, cur: dict) -> str:
     a, b = src.get("global_batch"), cur.get("global_batch")
     if a and b and a != b:
         return (f" (global batch {a} -> {b} samples: the trainer's data order is a function of (seed, step), so the "
                 f"run continues by step, not from the same sample)")
     return ""
+
+
+def converter_input(src: str, work: str) -> str:
+    """``src``, or (under tensor parallelism) a view of it in ``work`` that DeepSpeed 0.19.8's ``ds_to_universal``
+    can convert: mat_ds keeps every head-wise unit registered on every TP rank under its global name, emptied where
+    another rank owns it (core/tensor_parallel.py), and DeepSpeed leaves zero-element parameters out of the
+    optimizer (``runtime.utils.is_optimized_parameter``) and so out of the ``param_shapes`` its converter reads:
+    such a name has no shape on the ranks that do not own it, and the converter stops ("'NoneType' object is not
+    iterable" in ``_merge_zero_shards``). The view lists them there with their empty shapes (the shapes of the
+    model state in the same file); every other file is a symbolic link to the source, which is never written."""
+    import torch
+    from deepspeed.checkpoint.constants import PARAM_SHAPES
+
+    files = sorted(glob.glob(os.path.join(src, "mp_rank_*_model_states.pt")))
+    states = {f: torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files}
+    shapes = {f: sd.get(PARAM_SHAPES) for f, sd in states.items()}
+    if len(files) < 2 or not all(isinstance(v, list) and v and all(isinstance(g, dict) for g in v)
+                                 for v in shapes.values()):
+        return src
+    held = {n for groups in shapes.values() for g in groups for n, shape in g.items() if math.prod(shape)}
+    fixed = {}
+    for f, sd in states.items():
+        known = {n for g in shapes[f] for n in g}
+        missing = {n: t.shape for n, t in (sd.get("module") or {}).items()
+                   if n in held and n not in known and t.numel() == 0}
+        if missing:
+            shapes[f][0].update(missing)
+            fixed[f] = sd
+    if not fixed:
+        return src
+    view = os.path.join(work, os.path.basename(os.path.normpath(src)))
+    os.makedirs(view)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if path in fixed:
+            torch.save(fixed[path], os.path.join(view, name))
+        else:
+            os.symlink(os.path.abspath(path), os.path.join(view, name))
+    return view
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m mat_ds.universal --input_folder TAG --output_folder TAG_universal``: DeepSpeed's ``ds_to_universal
+    --inject_missing_state`` on ``converter_input(TAG)``, then ``repair_steps``. What mat_ds's automatic conversion
+    runs; the same by hand (DeepSpeed's tool alone cannot convert a mat_ds checkpoint saved under TP > 1)."""
+    import argparse
+    import runpy
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--input_folder", required=True)
+    parser.add_argument("--output_folder", required=True)
+    parser.add_argument("--num_extract_workers", type=int, default=_workers()[0])
+    parser.add_argument("--num_merge_workers", type=int, default=_workers()[1])
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.output_folder)
+    work = tempfile.mkdtemp(prefix=".mat_ds_input.", dir=os.path.dirname(out))
+    try:
+        src = converter_input(os.path.abspath(args.input_folder), work)
+        if src != os.path.abspath(args.input_folder):
+            print(f"[mat_ds] converting {args.input_folder} through {src} (zero-element TP placeholders listed in "
+                  f"param_shapes)", flush=True)
+        saved_argv = sys.argv
+        sys.argv = ["ds_to_universal", "--inject_missing_state", "--input_folder", src, "--output_folder", out,
+                    "--num_extract_workers", str(args.num_extract_workers),
+                    "--num_merge_workers", str(args.num_merge_workers)]
+        try:
+            runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+        finally:
+            sys.argv = saved_argv
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        n = repair_steps(out)
+    except Refusal as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if n:
+        print(f"[mat_ds] repaired {n} zero/*/step.pt files (see mat_ds.universal.bad_steps)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,10 @@ line), the writer's layout read off DeepSpeed's file names, and ONE run through 
 batch, same samples): the trainer converts the tag once, MAT's state after the load equals the saved one, the next
 losses equal the uninterrupted 2-rank run's, and the frozen units' weights stay exactly unchanged across the resume.
 ``-m slow``: the same for ZeRO-1, ZeRO-3 and ZeRO-0 (no conversion), DP 1 -> DP 2, and the refusals through the launcher.
+
+Tensor parallelism (tests/scripts/tp_check.py --elastic, HF LLaMA-GQA under DeepSpeed AutoTP): default suite TP 2 ->
+TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, the ZeRO-0 refusal,
+and the trainer itself (``--model hf:``) TP 2 -> TP 1.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 from mat_ds import checkpoint as ck
 from mat_ds import universal as uc
 from mat_ds.tracking import read_metrics
-from tests.launcher import REPO, run_deepspeed, config_template
+from tests.launcher import REPO, run_deepspeed, config_template, tagged_json
 
 CHECK = "tests/scripts/universal_check.py"
 FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64", "--vocab_size", "1024",
@@ -48,6 +52,14 @@ def L(dp, stage, tp=1, ep=1, world=None, **kw):  # noqa: N802 - a layout literal
     (L(2, 2, ep=1, world=2), L(1, 2), "auto", "universal"),  # MoE without expert parallelism converts
     ({"zero_stage": None, "family": "1/2", "dp": 2, "tp": 1}, L(1, 2), "auto", "universal"),  # inferred from files
     ({"zero_stage": 0, "tp": 1}, L(1, 0), "auto", "plain"),  # a ZeRO-0 tag without a recorded layout
+    # tensor parallelism (head-wise units under global names, ``tp_units``): TP and DP changes go universal
+    (L(1, 1, tp=2, tp_units="global"), L(1, 1), "auto", "universal"),
+    (L(1, 2, tp=2, tp_units="global"), L(1, 2), "auto", "universal"),
+    (L(1, 1), L(1, 1, tp=2, tp_units="global"), "auto", "universal"),
+    (L(2, 1, tp=2, tp_units="global"), L(1, 1, tp=2, tp_units="global"), "auto", "universal"),
+    (L(1, 1, tp=2, tp_units="global"), L(1, 1, tp=2, tp_units="global"), "auto", "plain"),
+    (L(1, 2, tp=2), L(1, 2, tp=2), "auto", "plain"),  # an older TP save, same layout: DeepSpeed's ordinary load
+    (L(2, 0, tp=2, tp_units="global"), L(1, 0, tp=2, tp_units="global"), "auto", "plain"),  # ZeRO-0, same TP
 ])
 def test_decide(src, cur, policy, want):
     assert uc.decide(src, cur, policy, tag_is_universal=False, save_dir="/ck", tag="global_step6") == want
@@ -60,8 +72,12 @@ def test_decide(src, cur, policy, want):
     (L(2, 2), L(1, 3), "auto", False, "cannot load a ZeRO-1/2 checkpoint into ZeRO-3"),
     (L(2, 3), L(1, 2), "auto", False, "cannot load a ZeRO-3 checkpoint into ZeRO-1/2"),
     (L(2, 0), L(1, 2), "auto", False, "ZeRO-0 checkpoint into ZeRO-1/2"),
-    (L(1, 2, tp=2), L(1, 2), "auto", False, "tensor-parallel size"),
-    (L(2, 2, tp=2), L(1, 2, tp=2), "auto", False, "under tensor parallelism"),
+    (L(1, 2, tp=2), L(1, 2), "auto", False, "named each TP rank's head-wise units w0.. locally"),
+    (L(2, 2, tp=2), L(1, 2, tp=2), "auto", False, "named each TP rank's head-wise units w0.. locally"),
+    (L(1, 0, tp=2, tp_units="global"), L(1, 0), "auto", False, "ZeRO-0 can neither make"),
+    (L(1, 0), L(1, 0, tp=2, tp_units="global"), "auto", False, "ZeRO-0 can neither make"),
+    (L(1, 2, tp=2, tp_units="global"), L(1, 2), "never", False,
+     "python -m mat_ds.universal --input_folder /ck/global_step6 --output_folder /ck/global_step6_universal"),
     (L(2, 2), L(1, 0), "always", False, "loads into ZeRO stage 1, 2 or 3 only"),
     ({"zero_stage": None, "family": "1/2", "tp": 1}, L(1, 0), "auto", True, "loads into ZeRO stage 1, 2 or 3 only"),
     ({"zero_stage": None, "family": "1/2", "tp": 1}, L(1, 3), "auto", True, "into ZeRO-3"),
@@ -286,3 +302,135 @@ def test_refusals_through_the_launcher(tmp_path):
     one = write_config(tmp_path, "ep1.json", 2, 2, model={**switch, "moe_ep_size": 1})
     _one_error_line(launch(tmp_path, one, "ep2", 1, "--train_steps", "4", check=False), "expert-parallel")
     assert tree_digest(tmp_path / "ep2" / "checkpoints") == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism (tests/scripts/tp_check.py --elastic): HF LLaMA-GQA through mat_ds.initialize, saved with
+# mat_ds.checkpoint.save at one (TP, DP), resumed with mat_ds.checkpoint.load(universal="auto") at another
+# ----------------------------------------------------------------------------------------------------------------------
+TP_CHECK = "tests/scripts/tp_check.py"
+
+
+def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool = False) -> dict:
+    """``save`` / ``resume`` = (ranks, TP size). The save launch trains to step 4, saves, and goes on uninterrupted
+    to step 10; the resume launch loads that tag (converted once through DeepSpeed's universal checkpoint) and runs
+    the same steps: checks and returns its ELASTIC row."""
+    pytest.importorskip("transformers")
+    common = ["--elastic_stage", str(stage), "--dir", str(tmp_path)] + (["--mlp"] if mlp else [])
+    run_deepspeed(TP_CHECK, ["--elastic", "save", "--tp", str(save[1]), *common], num_gpus=save[0], timeout=600)
+    ckpt = tmp_path / "checkpoints"
+    tag = ck.tag_for(4)
+    before = tree_digest(ckpt / tag)
+    proc = run_deepspeed(TP_CHECK, ["--elastic", "resume", "--tp", str(resume[1]), *common], num_gpus=resume[0],
+                         timeout=600)
+    rows = tagged_json(proc.stdout, "ELASTIC")
+    assert len(rows) == 1, proc.stdout[-4000:]
+    r = rows[0]
+    assert f"converting it now into {uc.universal_tag(tag)}" in proc.stdout and r["converted"], proc.stdout[-3000:]
+    assert tree_digest(ckpt / tag) == before  # the source tag is read, never written
+    udir = ckpt / uc.universal_tag(tag)
+    assert ck.verify_tag(str(ckpt), uc.universal_tag(tag)) is None and uc.bad_steps(str(udir)) == []
+    assert not list(ckpt.glob(uc.STAGING + "*")) and not list(ckpt.glob(".mat_ds_input.*"))
+    # MAT's state after the load == the saved one; every weight through the conversion bit for bit
+    assert r["mat_state_equal"], r["mat_diff"]
+    assert r["frozen_saved"] and r["frozen_loaded"] == r["frozen_saved"]
+    assert r["weights_equal"], r["weights_differ"]
+    # the continuation matches the uninterrupted run (another TP size: another summation order)
+    assert r["steps"] == list(range(4, 10))
+    assert r["loss_max_abs_diff"] <= 1e-5, (r["losses"], r["losses_ref"])
+    assert r["lambda_steps"] == r["lambda_steps_ref"] == [6, 9] and r["lambda_rel_err"] < 1e-5
+    assert r["masks_equal"], r["masks"]
+    # frozen units stay exactly unchanged from the load to the next refresh (step 6)
+    assert r["frozen_units_checked"] > 0 and r["frozen_drift"] == 0.0
+    print(f"ZeRO-{stage}{' +mlp' if mlp else ''} {r['topology_saved']} -> {r['topology']}: max |dloss| "
+          f"{r['loss_max_abs_diff']:.2e}, lambda rel {r['lambda_rel_err']:.1e}, MAT state equal, "
+          f"{r['n_weights']} weights bitwise, {r['frozen_units_checked']} frozen units drift {r['frozen_drift']}")
+    return r
+
+
+def test_tp2_resumes_at_tp1(tmp_path):
+    """TP 2 (2 ranks, DeepSpeed AutoTP + mat_ds's head-wise sharding, ZeRO-1) -> TP 1 (1 rank)."""
+    tp_elastic(tmp_path, stage=1, save=(2, 2), resume=(1, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, save, resume, mlp", [
+    (2, (2, 2), (1, 1), False),  # ZeRO-2 TP 2 -> TP 1
+    (1, (1, 1), (2, 2), False),  # TP 1 -> TP 2
+    (1, (4, 2), (2, 2), False),  # TP 2 x DP 2 -> TP 2 x DP 1
+    (2, (2, 2), (1, 1), True),  # MLP units too
+], ids=["zero2-tp2-tp1", "zero1-tp1-tp2", "zero1-tp2dp2-tp2dp1", "zero2-mlp-tp2-tp1"])
+def test_tp_elastic_variants(tmp_path, stage, save, resume, mlp):
+    tp_elastic(tmp_path, stage, save, resume, mlp)
+
+
+@pytest.mark.slow
+def test_tp_change_under_zero0_is_refused(tmp_path):
+    """ZeRO-0 has nothing for ds_to_universal to convert: TP 2 -> TP 1 stops with one line, nothing on disk changed."""
+    pytest.importorskip("transformers")
+    common = ["--elastic_stage", "0", "--dir", str(tmp_path)]
+    run_deepspeed(TP_CHECK, ["--elastic", "save", "--tp", "2", *common], num_gpus=2, timeout=600)
+    before = tree_digest(tmp_path / "checkpoints")
+    proc = run_deepspeed(TP_CHECK, ["--elastic", "resume", "--tp", "1", *common], num_gpus=1, timeout=600)
+    rows = tagged_json(proc.stdout, "ELASTIC_REFUSED")
+    assert len(rows) == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    error = rows[0]["error"]
+    assert "ZeRO-0 can neither make" in error and "\n" not in error, error
+    assert tree_digest(tmp_path / "checkpoints") == before
+
+
+@pytest.mark.slow
+def test_trainer_tp2_resumes_at_tp1(tmp_path):
+    """The project's trainer (``--model hf:LLAMA_DIR``, ``autotp_size`` 2, ZeRO-1, 2 ranks) saved after step 6 and
+    resumed with the same command at TP 1 on 1 rank (``--universal auto``): converted once, MAT's state after the
+    load equal to the saved one, the next losses and decisions equal to the uninterrupted TP-2 run's, frozen units
+    unchanged (``--verify_frozen``) over the resumed steps."""
+    tf = pytest.importorskip("transformers")
+    model_dir = tmp_path / "llama"
+    tf.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, max_position_embeddings=64,
+                   architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
+
+    def config(name: str, tp: int) -> str:
+        cfg = config_template("bert_mat_zero2.json")
+        cfg["zero_optimization"] = {"stage": 1}
+        cfg["train_micro_batch_size_per_gpu"] = 8
+        cfg["mat"].update(warmup_steps=4, refresh_interval=4, alpha=0.3, beta=0.05, probe_samples=8)
+        if tp > 1:
+            cfg["tensor_parallel"] = {"autotp_size": tp}
+        (tmp_path / name).write_text(json.dumps(cfg))
+        return str(tmp_path / name)
+
+    args = ["--model", f"hf:{model_dir}", "--cache_dir", str(tmp_path / "cache"), "--eval_interval", "0",
+            "--seq_len", "64", "--vocab_size", "1024", "--verify_frozen", "--wandb_mode", "disabled",
+            "--log_interval", "1", "--train_steps", str(END)]
+    run_deepspeed(CHECK, ["--deepspeed_config", config("tp2.json", 2), "--out_dir", str(tmp_path / "straight"),
+                          "--save_interval", str(SAVE_AT), *args], num_gpus=2, timeout=600)
+    tag = ck.tag_for(SAVE_AT)
+    source = tmp_path / "straight" / "checkpoints" / tag
+    resumed_ckpt = tmp_path / "resumed" / "checkpoints"
+    resumed_ckpt.mkdir(parents=True)
+    shutil.copytree(source, resumed_ckpt / tag)
+    (resumed_ckpt / "latest").write_text(tag)
+    dump = tmp_path / "after_load.pt"
+    proc = run_deepspeed(CHECK, ["--deepspeed_config", config("tp1.json", 1), "--out_dir", str(tmp_path / "resumed"),
+                                 "--save_interval", str(END), *args], num_gpus=1, timeout=600,
+                         env={"MAT_DS_UNIVERSAL_DUMP": str(dump)})
+    assert f"converting it now into {uc.universal_tag(tag)}" in proc.stdout, proc.stdout[-3000:]
+    after = torch.load(dump, map_location="cpu", weights_only=False)
+    diff = same(client_state(source)["mat"], after["mat"])
+    assert not diff, diff[:10]
+    assert after["frozen"], "no unit frozen at the save: the test proves nothing"
+    ref = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))}
+    got = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))}
+    assert sorted(got) == list(range(SAVE_AT + 1, END + 1))
+    dloss = max(abs(got[s]["train/loss"] - ref[s]["train/loss"]) for s in got)
+    assert dloss <= 1e-5, dloss
+    assert [got[s]["mat/active_fraction"] for s in got] == [ref[s]["mat/active_fraction"] for s in got]
+    assert all(r.get("mat/frozen_max_abs_change", 0.0) == 0.0 for r in got.values())
+    lam = [k for k in ref[FIRST_REFRESH_AFTER + 1] if k.startswith("mat/lambda_max/")]
+    lam_err = max(abs(got[FIRST_REFRESH_AFTER + 1][k] - ref[FIRST_REFRESH_AFTER + 1][k]) /
+                  max(abs(ref[FIRST_REFRESH_AFTER + 1][k]), 1e-30) for k in lam)
+    assert lam and lam_err <= 1e-4, lam_err
+    print(f"trainer TP 2 -> TP 1: max |dloss| over steps {SAVE_AT + 1}..{END} = {dloss:.3e}, lambda rel {lam_err:.1e}; "
+          f"MAT state equal; {len(after['frozen'])} frozen units")

@@ -9,8 +9,9 @@ them itself, before ``deepspeed.initialize``, on the groups the engine will use 
 
 * unit u of a layer (a head, a KV group, an MLP group) lives on TP rank ``u // (U / tp)``: contiguous blocks, the
   split Megatron-Core and AutoTP make (rank r holds heads / KV groups ``[r·U/tp, (r+1)·U/tp)``). A rank's module
-  keeps its units' parameter OBJECTS (``w{j}`` = the full layer's ``w{r·U/tp + j}``), so a parameter list taken
-  before sharding still names the right tensors; ``unit_offset`` / ``units_total`` say where they sit globally;
+  keeps the full layer's parameter OBJECTS under their GLOBAL names (``w{u}``, ``b{u}``: the names of the unsharded
+  layer), so a parameter list taken before sharding still names the right tensors; ``unit_offset`` /
+  ``units_total`` say which units are local (``weight_params`` / ``unit_params(j)`` return the local ones);
 * split ``"out"`` (Q/K/V, MLP up/gate) is column-parallel: the replicated input goes through ``_CopyToTP`` (identity
   forward, all-reduce of the input gradient over the TP group in backward: each rank's GEMM gives only its units'
   share of dL/dx); its per-unit biases are sharded with their units;
@@ -40,6 +41,16 @@ What makes MAT exact under TP (tests/scripts/tp_check.py measures each):
 * freezing is per rank: a frozen unit's parameters exist on one TP rank only, and ``requires_grad_(False)`` there
   stops its dW and its data-parallel gradient reduction, exactly as without TP.
 
+Elastic resume (another TP size, through DeepSpeed's universal checkpoint, ``mat_ds/universal.py``): every TP rank
+registers ALL U units' names; the units another rank owns are kept EMPTIED (shape 0 along the split: DeepSpeed
+leaves zero-element parameters out of the optimizer, and they take no part in forward or backward). Each unit
+parameter carries AutoTP's universal-checkpoint metadata (``DS_AUTOTP_UC_META``, picked up by
+``collect_autotp_universal_checkpoint_info`` inside ``deepspeed.initialize``) with an affine map: the whole tensor on
+its owner, nothing on the others. ``ds_to_universal`` then writes ONE ``zero/...w{u}/`` per global unit with the
+whole tensor (from its owner's fragments), and the universal loader at any TP size gives it to the rank that owns
+it there; at TP 1 the unsharded layer's ``w{u}`` has exactly that name and shape. Without global names the same
+local name (``w0``) would be a different unit on every rank and no conversion could tell them apart.
+
 Supported: families whose attention reads head counts from the projection shapes (an adapter's ``TENSOR_PARALLEL``
 lists the unit kinds it offers under TP: HF LLaMA / Mistral / Qwen2 heads and MLP units, HF BERT heads), ZeRO stages
 0-2, no MoE experts (``check_tensor_parallel``).
@@ -53,6 +64,8 @@ from torch import nn
 
 from .config import ConfigError
 from .headwise import HeadwiseLinear, HeadwiseLinearFn
+
+UNIT_PARTITION_TYPE = "mat_ds_unit"  # DS_AUTOTP_UC_META partition_type of a head-wise unit parameter (whole on one rank)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -101,7 +114,8 @@ class TPHeadwiseLinear(HeadwiseLinear):
 
     @classmethod
     def shard(cls, full: HeadwiseLinear, tp_rank: int, tp_size: int, group) -> "TPHeadwiseLinear":
-        """Rank ``tp_rank``'s part of ``full``: its units' parameter objects, nothing copied."""
+        """Rank ``tp_rank``'s part of ``full``: its units' parameter objects, nothing copied; every other unit's
+        parameter object stays registered under its global name, emptied (see ``_GLOBAL_NAMES``)."""
         U = full.n_units
         if U % tp_size:
             raise ValueError(f"{U} units are not divisible over {tp_size} tensor-parallel ranks")
@@ -113,17 +127,38 @@ class TPHeadwiseLinear(HeadwiseLinear):
         d_in, d_out = (full.d_in, width) if full.split == "out" else (width, full.d_out)
         mod = cls(d_in, d_out, n, full.split, bias=full.has_unit_bias or full.bias is not None, layout=local_lay,
                   layer=full.layer, device="meta", dtype=full.weight_params()[0].dtype, kind=full.kind)
-        for j in range(n):
-            mod.register_parameter(f"w{j}", getattr(full, f"w{off + j}"))
-            if full.has_unit_bias:
-                mod.register_parameter(f"b{j}", getattr(full, f"b{off + j}"))
+        mod._parameters.clear()  # the meta placeholders of the local layer: re-registered below, under global names
+        base = full.unit_offset  # 0: ``full`` is an unsharded layer (shard_model never shards twice)
+        prefixes = ("w", "b") if full.has_unit_bias else ("w",)
+        for prefix in prefixes:
+            for u in range(U):
+                p = getattr(full, f"{prefix}{u}")
+                owner = u // n
+                _describe_unit_param(p, owner, tp_size, tp_rank, full.split, prefix == "b")
+                if owner != tp_rank:
+                    p.data = p.data.new_empty(_empty_shape(p, full.split, prefix == "b"))
+                p.tensor_model_parallel = True  # DeepSpeed's global norm: count this shard on its own TP rank
+                mod.register_parameter(f"{prefix}{base + u}", p)
         mod.bias = full.bias  # split "in": the shared, replicated bias (or None)
-        mod.unit_offset, mod.units_total = full.unit_offset + off, full.units_total
+        mod.unit_offset, mod.units_total = base + off, full.units_total
         mod.tp_group, mod.tp_size, mod.tp_rank = group, tp_size, tp_rank
-        for p in [*mod.weight_params(), *mod.bias_params()]:
-            p.tensor_model_parallel = True  # DeepSpeed's global norm: count this shard on its own TP rank
         mod.train(full.training)
         return mod
+
+    # Global names: local unit j is ``w{unit_offset + j}`` (see the module docstring, "Elastic resume").
+    def weight_params(self) -> list[nn.Parameter]:
+        return [getattr(self, f"w{self.unit_offset + j}") for j in range(self.n_units)]
+
+    def bias_params(self) -> list[nn.Parameter]:
+        return ([getattr(self, f"b{self.unit_offset + j}") for j in range(self.n_units)]
+                if self.has_unit_bias else [])
+
+    def unit_params(self, u: int) -> list[nn.Parameter]:
+        """Everything LOCAL unit ``u`` (global ``unit_offset + u``) owns in this layer."""
+        out = [getattr(self, f"w{self.unit_offset + u}")]
+        if self.has_unit_bias:
+            out.append(getattr(self, f"b{self.unit_offset + u}"))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split == "out":
@@ -142,6 +177,34 @@ class TPHeadwiseLinear(HeadwiseLinear):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", units={self.unit_offset}..{self.unit_offset + self.n_units - 1} of "
                 f"{self.units_total}, tp={self.tp_rank}/{self.tp_size}")
+
+
+def _empty_shape(p: torch.Tensor, split: str, is_bias: bool) -> tuple:
+    """What a TP rank that does not own unit parameter ``p`` holds under its name: no channels along the split."""
+    shape = list(p.shape)
+    shape[0 if (is_bias or split == "out") else 1] = 0
+    return tuple(shape)
+
+
+def _describe_unit_param(p: torch.Tensor, owner: int, tp_size: int, tp_rank: int, split: str, is_bias: bool) -> None:
+    """Tell DeepSpeed's universal checkpoint how unit parameter ``p`` lies over the TP group: whole on TP rank
+    ``owner``, nothing on the others (an AutoTP affine map, ``deepspeed/checkpoint/affine.py``). ``ds_to_universal``
+    then rebuilds the whole unit from its owner's slice, and the universal loader at any TP size hands it to the
+    rank that owns it there (at TP 1 the unsharded layer's ``w{u}`` has exactly that shape)."""
+    from deepspeed.checkpoint.affine import AffinePiece, ParamAffineMap
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.module_inject.layers import _build_param_uc_restore_meta
+
+    shape = tuple(p.shape)
+    strides = tuple(int(s) for s in torch.empty(shape, device="meta").stride())
+    empty = _empty_shape(p, split, is_bias)
+    whole = AffinePiece(shape=shape, source_offset=0, source_strides=strides, dest_offset=0, dest_strides=strides,
+                        locations=[owner])
+    amap = ParamAffineMap(logical_shape=shape, shard_shapes={r: shape if r == owner else empty for r in range(tp_size)},
+                          pieces_by_rank={r: [whole] if r == owner else [] for r in range(tp_size)})
+    setattr(p, DS_AUTOTP_UC_META, _build_param_uc_restore_meta(
+        partition_type=UNIT_PARTITION_TYPE, logical_shape=shape, original_shape=shape, target_partition_shape=(
+            shape if owner == tp_rank else empty), is_bias=is_bias, affine_map=amap))
 
 
 def check_tensor_parallel(model: nn.Module, tp_size: int, stage: int, has_experts: bool,
@@ -182,7 +245,8 @@ def _groups(model: nn.Module) -> dict[tuple, list[HeadwiseLinear]]:
 
 def shard_model(model: nn.Module, tp_rank: int, tp_size: int, group) -> set[int]:
     """Replace every head-wise linear of ``model`` by this rank's ``TPHeadwiseLinear`` (in place). Returns the ids of
-    the parameters now held by other TP ranks (to drop from optimizer parameter lists). Idempotent."""
+    parameters to drop from optimizer parameter lists: none of the unit parameters (the other ranks' units stay in
+    them, emptied, so that DeepSpeed records every unit name on every TP rank). Idempotent."""
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if isinstance(child, HeadwiseLinear) and not isinstance(child, TPHeadwiseLinear)]
     done: dict[int, TPHeadwiseLinear] = {}

@@ -24,6 +24,9 @@ gathered over the DP group). Each engine:
    holds; TP activation all-reduces (AutoTP's and mat_ds's) are the same in both steps, so the difference is DP
    gradient traffic alone.
 
+``--elastic save|resume`` (``elastic``; tests/test_universal.py): a checkpoint saved at one (TP, DP) with
+``mat_ds.checkpoint.save`` and resumed at another through DeepSpeed's universal checkpoint, in two launches.
+
 Also: attention (unit) parameters per rank against the whole model's, the module types (mat_ds's TPHeadwiseLinear
 for attention, AutoTP's LinearLayer / LinearAllreduce for the MLP), the probe set equal on all ranks and to the
 reference's, and replicated parameters (embedding, norms) equal over the TP group after training. Rank 0 prints one
@@ -300,6 +303,161 @@ def resume(stage: int, tp: int) -> dict:
             "params_equal_on_ranks": all(gather(same_params)), "topology": second.topo.describe(), "files": files}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Elastic resume across TP sizes (tests/test_universal.py): two launches, possibly of different world sizes
+# ----------------------------------------------------------------------------------------------------------------------
+SAVE_AT, END = 4, 10  # refreshes at 0, 3 | 6, 9: the decision of step 3 holds over steps 4, 5 of the resumed run
+
+
+def _gather_uneven(parts, t, group):
+    """``parts[r]`` = TP rank r's ``t`` (shapes may differ: one broadcast per rank)."""
+    rank = dist.get_rank(group)
+    for r in range(len(parts)):
+        buf = t.clone() if r == rank else parts[r]
+        dist.broadcast(buf, src=dist.get_global_rank(group, r), group=group)
+        parts[r] = buf
+
+
+def _autotp_dims(engine) -> dict:
+    """Name -> the dimension AutoTP split it along (LinearLayer: 0, LinearAllreduce: 1)."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    out = {}
+    for mname, mod in engine.module.named_modules():
+        if isinstance(mod, (LinearLayer, LinearAllreduce)):
+            for pname, _ in mod.named_parameters(recurse=False):
+                is_bias = pname == "bias"
+                if isinstance(mod, LinearAllreduce) and is_bias:
+                    continue  # replicated
+                out[f"{mname}.{pname}"] = 0 if (isinstance(mod, LinearLayer) or is_bias) else 1
+    return out
+
+
+def whole_params(engine, tp_group) -> dict:
+    """Every parameter by name, whole: a unit parameter from the TP rank that holds it (the others hold it empty),
+    an AutoTP-sharded weight concatenated over the TP group along the dimension it is split on, the rest as is."""
+    dims = _autotp_dims(engine)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        t = p.detach().float().cpu().clone()  # a copy: the run trains on
+        if tp_group is None or dist.get_world_size(tp_group) == 1:
+            out[name] = t
+            continue
+        shapes = [None] * dist.get_world_size(tp_group)
+        dist.all_gather_object(shapes, tuple(t.shape), group=tp_group)
+        if name in dims or len(set(shapes)) > 1:
+            parts = [torch.zeros(sh) for sh in shapes]
+            _gather_uneven(parts, t, tp_group)
+            live = [x for x in parts if x.numel()]
+            out[name] = torch.cat(parts, dim=dims[name]) if name in dims else live[0]
+        else:
+            out[name] = t
+    return out
+
+
+def same(a, b, path="") -> list:
+    """Where two nested states differ (tensors bitwise, floats exactly)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
+        return out + [d for k in sorted(set(a) & set(b), key=str) for d in same(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return [] if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) else [f"{path}: tensors differ"]
+    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
+
+
+def continue_run(run: "Run", first: int, record_drift: bool) -> dict:
+    """Steps ``first``..END-1: losses, grad norms, λmax at refreshes, masks; frozen drift until the next refresh."""
+    out = {"losses": {}, "grad_norms": {}, "lambda": {}, "masks": {}, "frozen_drift": 0.0, "frozen_checked": 0}
+    snap = run.mat.snapshot_frozen()
+    out["frozen_checked"] = sum(1 for u in run.mat.frozen_units())
+    for step in range(first, END):
+        loss, _, norm = run.step(step)
+        out["losses"][step], out["grad_norms"][step] = loss, norm
+        metrics = run.mat.metrics()
+        if "mat/refresh_seconds" in metrics:
+            out["lambda"][step] = {k.rpartition("/")[2]: v for k, v in metrics.items() if "lambda_max/" in k}
+            snap = None  # the decision may change here
+        elif snap is not None and record_drift:
+            out["frozen_drift"] = max(out["frozen_drift"], run.mat.frozen_change(snap))
+        out["masks"][step] = run.masks()
+    return out
+
+
+def elastic(args) -> None:
+    """``--elastic save``: a TP ``--tp`` engine trains to SAVE_AT, saves with ``mat_ds.checkpoint.save`` (what the
+    trainer calls), records every parameter whole, and goes on uninterrupted to END. ``--elastic resume``: a fresh
+    engine at ``--tp`` (any world size) resumes with ``mat_ds.checkpoint.load(..., universal="auto")`` (rank 0
+    converts through DeepSpeed's universal checkpoint when the layout differs) and runs to END; rank 0 prints one
+    ``ELASTIC {json}`` line comparing it with the saved state and the uninterrupted run."""
+    from mat_ds import checkpoint as ck
+    from mat_ds.core.engine import CLIENT_KEY as MAT_KEY
+
+    ckpt = os.path.join(args.dir, "checkpoints")
+    run = Run("llama", args.elastic_stage, args.tp, args.mlp)
+    tp_group = run.topo.tp_group
+    rank0 = dist.get_rank() == 0
+    if args.elastic == "save":
+        for step in range(SAVE_AT):
+            run.step(step)
+            run.mat.metrics()  # consumed every step, as in continue_run (a refresh's figures stay until read)
+        ck.save(run.engine, ckpt, SAVE_AT, {"step": SAVE_AT})
+        weights = whole_params(run.engine, tp_group)
+        frozen = sorted(u.name for u in run.mat.frozen_units())
+        tail = continue_run(run, SAVE_AT, record_drift=True)
+        if rank0:
+            torch.save({"weights": weights, "frozen": frozen, "tail": tail, "topology": run.topo.describe(),
+                        "types": {n: type(m).__name__ for n, m in modules_of("llama", run.engine.module).items()}},
+                       os.path.join(args.dir, "uninterrupted.pt"))
+            print("ELASTIC_SAVED " + json.dumps({"topology": run.topo.describe(), "frozen": frozen}), flush=True)
+        return
+    try:
+        state = ck.load(run.engine, ckpt, "auto", universal="auto")
+    except ck.CheckpointError as exc:
+        if rank0:
+            print("ELASTIC_REFUSED " + json.dumps({"error": str(exc)}), flush=True)
+        return
+    loaded_mat = run.mat.state_dict()
+    weights = whole_params(run.engine, tp_group)
+    frozen = sorted(u.name for u in run.mat.frozen_units())
+    tail = continue_run(run, SAVE_AT, record_drift=True)
+    if not rank0:
+        return
+    ref = torch.load(os.path.join(args.dir, "uninterrupted.pt"), weights_only=False)
+    tag = ck.tag_for(SAVE_AT)
+    saved_sd = torch.load(os.path.join(ckpt, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                          weights_only=False)
+    mat_diff = same(saved_sd[MAT_KEY], loaded_mat)
+    w_ref = ref["weights"]
+    weight_diff = sorted(set(w_ref) ^ set(weights)) + [
+        n for n in set(w_ref) & set(weights) if w_ref[n].shape != weights[n].shape or not torch.equal(w_ref[n],
+                                                                                                       weights[n])]
+    steps = sorted(tail["losses"])
+    r = ref["tail"]
+    lam_err = max([abs(tail["lambda"][s][k] - r["lambda"][s][k]) / max(abs(r["lambda"][s][k]), 1e-30)
+                   for s in set(r["lambda"]) & set(tail["lambda"]) for k in r["lambda"][s]] or [float("inf")])
+    print("ELASTIC " + json.dumps({
+        "client_state": state, "topology": run.topo.describe(), "topology_saved": ref["topology"],
+        "converted": os.path.isdir(os.path.join(ckpt, tag + "_universal")),
+        "mat_state_equal": not mat_diff, "mat_diff": mat_diff[:10],
+        "frozen_saved": ref["frozen"], "frozen_loaded": frozen,
+        "weights_equal": not weight_diff, "weights_differ": weight_diff[:10], "n_weights": len(weights),
+        "steps": steps, "loss_max_abs_diff": max(abs(tail["losses"][s] - r["losses"][s]) for s in steps),
+        "losses": [tail["losses"][s] for s in steps], "losses_ref": [r["losses"][s] for s in steps],
+        "grad_norm_max_rel_diff": max(abs(tail["grad_norms"][s] - r["grad_norms"][s]) / r["grad_norms"][s]
+                                      for s in steps),
+        "lambda_steps": sorted(tail["lambda"]), "lambda_steps_ref": sorted(r["lambda"]), "lambda_rel_err": lam_err,
+        "masks_equal": [tail["masks"][s] for s in steps] == [r["masks"][s] for s in steps],
+        "masks": [tail["masks"][s] for s in steps],
+        "frozen_drift": tail["frozen_drift"], "frozen_drift_ref": r["frozen_drift"],
+        "frozen_units_checked": tail["frozen_checked"],
+        "types": {n: type(m).__name__ for n, m in modules_of("llama", run.engine.module).items()},
+    }), flush=True)
+
+
 def parse(spec: str, tp: int) -> tuple[str, int, int, bool]:
     family, _, rest = spec.rpartition(":")
     stage, _, extra = rest.partition("+")
@@ -312,9 +470,18 @@ def main() -> None:
                                                      "bert), or resume:stage")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--elastic", choices=["save", "resume"], help="elastic resume across TP sizes (see elastic)")
+    parser.add_argument("--elastic_stage", type=int, default=1)
+    parser.add_argument("--mlp", action="store_true", help="--elastic: MLP units too")
+    parser.add_argument("--dir", help="--elastic: the run directory shared by the save and resume launches")
     args = parser.parse_args()
     torch.set_num_threads(1)
     mat_ds.init_distributed()
+    if args.elastic:
+        elastic(args)
+        dist.barrier()
+        mat_ds.shutdown_distributed()
+        return
     cases = args.cases.split(",")
     refs = {}
     for spec in cases:  # every reference before the first TP group exists (DeepSpeed's groups are process-wide)
