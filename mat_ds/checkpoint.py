@@ -354,7 +354,7 @@ def load(engine, save_dir: str, resume: str, universal: str = "auto") -> Optiona
             load_path, client = engine.load_checkpoint(save_dir, tag=plan.tag)
         if load_path is None or not client or CLIENT_KEY not in client:
             error = "not written by mat_ds (no mat_ds state in it)"
-        elif plan.mode == "universal":
+        elif plan.mode == "universal" and not uc.repairs_loads(engine):  # mat_ds.initialize's engine repairs itself
             uc.fix_param_groups(engine, os.path.join(save_dir, plan.tag))
     except Exception as exc:  # noqa: BLE001 - shape mismatch (another model/world size), unpickling, ...
         via = f", loading its universal copy {plan.tag}" if plan.tag != tag else ""

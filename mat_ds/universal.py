@@ -87,8 +87,6 @@ def family(stage: Optional[int]) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 def layout_of(engine) -> dict:
     """The running engine's layout (no collective; the same on every rank)."""
-    import torch.distributed as dist
-
     stage_fn = getattr(engine, "zero_optimization_stage", None)
     stage = int(stage_fn()) if callable(stage_fn) else 0
     topology = getattr(getattr(engine, "mat", None), "topology", None)
@@ -464,6 +462,32 @@ def loading(engine, universal: bool):
         yield
     finally:
         cfg.load_universal_checkpoint = before
+
+
+def repair_loads(engine) -> None:
+    """Make ``engine.load_checkpoint`` run ``fix_param_groups`` after every ZeRO-3 universal load, so a user's own loop
+    (``"checkpoint": {"load_universal": true}`` in the JSON, then ``engine.load_checkpoint(dir[, tag])``) resumes with
+    the optimizer state the trainer's ``checkpoint.load`` gets, not DeepSpeed's defective one. ``mat_ds.initialize``
+    (``wrapper.attach``) installs it; a no-op for every other load."""
+    load = engine.load_checkpoint
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        path, client = load(load_dir, tag=tag, **kwargs)
+        optimizer_loaded = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+        if path is not None and optimizer_loaded and wants_universal(engine) and int(
+                engine.zero_optimization_stage()) == 3:
+            if tag is None:  # what DeepSpeed read: load_dir/latest_universal
+                with open(os.path.join(load_dir, "latest_universal")) as f:
+                    tag = f.read().strip()
+            fix_param_groups(engine, os.path.join(load_dir, str(tag)))
+        return path, client
+
+    load_checkpoint.repairs_universal = True  # checkpoint.load must not repair twice
+    engine.load_checkpoint = load_checkpoint
+
+
+def repairs_loads(engine) -> bool:
+    return bool(getattr(engine.load_checkpoint, "repairs_universal", False))
 
 
 def fix_param_groups(engine, tag_dir: str) -> None:

@@ -17,7 +17,8 @@ What happens, in order:
    collects probe samples until the probe set is full, and on refresh steps measures λmax
    (``mntk.probe_units``), lets each kind's policy decide on rank 0, broadcasts the decision and freezes
    (``freezing.FreezeController``). ``engine.save_checkpoint``/``load_checkpoint`` carry MAT's state in the client
-   state under ``"mat"`` (λ history, frozen sets, policy and probe set).
+   state under ``"mat"`` (λ history, frozen sets, policy and probe set); after a ZeRO-3 universal load
+   (``"checkpoint": {"load_universal": true}``) the optimizer's param groups are mended (``universal.repair_loads``).
 
 Per-step metrics: ``engine.mat.metrics()`` (``mat/`` keys; λmax per unit on refresh steps). When DeepSpeed's monitor
 is enabled (``"wandb"``/``"tensorboard"``/``"csv_monitor"`` blocks) they are written there too, at ``global_samples``.
@@ -29,6 +30,7 @@ from typing import Callable, Optional
 import deepspeed
 import torch
 
+from . import universal
 from .adapters import convert_model
 from .core.config import ConfigError, MATConfig, load_config
 from .core.engine import MATController
@@ -110,6 +112,7 @@ def attach(engine, model: torch.nn.Module, mat: MATConfig, conversion, probe_fn:
         probe_fn = conversion.probe_fn(model, mat)
     # ep_rank is known only now that DeepSpeed created the expert groups: list the experts' local params again.
     engine.mat = MATController(engine, mat, find_units(model), probe_fn, probe_batch, conversion.layer_path(model))
+    universal.repair_loads(engine)  # DeepSpeed 0.19.8's ZeRO-3 universal loader, mended after every such load
     return engine.mat
 
 

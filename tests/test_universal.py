@@ -10,6 +10,9 @@ losses equal the uninterrupted 2-rank run's, and the frozen units' weights stay 
 Tensor parallelism (tests/scripts/tp_check.py --elastic, HF LLaMA-GQA under DeepSpeed AutoTP): default suite TP 2 ->
 TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, the ZeRO-0 refusal,
 and the trainer itself (``--model hf:``) TP 2 -> TP 1.
+
+A user's own loop (tests/scripts/wrapper_universal_check.py, ``-m slow``): ZeRO-3 DP 2 -> DP 1 through DeepSpeed's
+``engine.load_checkpoint`` with ``load_universal``, the stage-3 loader's defects mended by the engine itself.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from mat_ds import checkpoint as ck
 from mat_ds import universal as uc
 from mat_ds.tracking import read_metrics
 from tests.launcher import REPO, run_deepspeed, config_template, tagged_json
+from tests.states import same
 
 CHECK = "tests/scripts/universal_check.py"
 FAST = ["--n_layer", "3", "--n_head", "4", "--d_model", "64", "--seq_len", "64", "--vocab_size", "1024",
@@ -165,20 +169,6 @@ def full_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in full.items()}
 
 
-def same(a, b, path="") -> list[str]:
-    """Where two nested states differ (tensors bitwise, floats exactly)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
-        return out + [d for k in sorted(set(a) & set(b), key=str) for d in same(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path}: length {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return [] if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) else [f"{path}: tensors differ"]
-    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
-
-
 def tree_digest(path: Path) -> dict:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
@@ -233,6 +223,20 @@ def elastic_resume(tmp_path: Path, stage: int, src_dp: int, dst_dp: int) -> dict
     assert all(not torch.equal(w_later[n], w_saved[n]) for n in trained)  # the others did train
 
     # 3. the next losses equal the uninterrupted run's; the same refresh decisions after the resume
+    dloss, lam_err = resumed_matches_uninterrupted(tmp_path)
+    assert lam_err <= 1e-5, lam_err
+    end_state = [client_state(d / ck.tag_for(END))["mat"]["policies"] for d in
+                 (tmp_path / "straight" / "checkpoints", resumed_ckpt)]
+    assert [p["frozen"] for p in end_state[0].values()] == [p["frozen"] for p in end_state[1].values()]
+    print(f"ZeRO-{stage} DP {src_dp} -> DP {dst_dp}: max |dloss| over steps {SAVE_AT + 1}..{END} = {dloss:.3e}; "
+          f"MAT state equal; {len(frozen)} frozen parameters, max drift {drift}")
+    return {"dloss": dloss, "drift": drift}
+
+
+def resumed_matches_uninterrupted(tmp_path: Path) -> tuple[float, float]:
+    """The trainer's logs of ``resumed`` (steps SAVE_AT+1..END) against ``straight``'s: losses within 1e-5, the same
+    active fractions, frozen units unchanged at every step. Returns (max |Δloss|, the largest relative λmax error
+    at the first refresh after the resume)."""
     ref = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))}
     got = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))}
     assert sorted(got) == list(range(SAVE_AT + 1, END + 1))
@@ -240,14 +244,10 @@ def elastic_resume(tmp_path: Path, stage: int, src_dp: int, dst_dp: int) -> dict
     assert dloss <= 1e-5, dloss
     assert [got[s]["mat/active_fraction"] for s in got] == [ref[s]["mat/active_fraction"] for s in got]
     assert all(r.get("mat/frozen_max_abs_change", 0.0) == 0.0 for r in got.values())
-    lam = [k for k in ref[FIRST_REFRESH_AFTER + 1] if k.startswith("mat/lambda_max/")]
-    assert lam and max(abs(got[FIRST_REFRESH_AFTER + 1][k] - ref[FIRST_REFRESH_AFTER + 1][k]) for k in lam) <= 1e-5
-    end_state = [client_state(d / ck.tag_for(END))["mat"]["policies"] for d in
-                 (tmp_path / "straight" / "checkpoints", resumed_ckpt)]
-    assert [p["frozen"] for p in end_state[0].values()] == [p["frozen"] for p in end_state[1].values()]
-    print(f"ZeRO-{stage} DP {src_dp} -> DP {dst_dp}: max |dloss| over steps {SAVE_AT + 1}..{END} = {dloss:.3e}; "
-          f"MAT state equal; {len(frozen)} frozen parameters, max drift {drift}")
-    return {"dloss": dloss, "drift": drift}
+    after = FIRST_REFRESH_AFTER + 1
+    lam = [k for k in ref[after] if k.startswith("mat/lambda_max/")]
+    assert lam, "no λmax logged at the first refresh after the resume"
+    return dloss, max(abs(got[after][k] - ref[after][k]) / max(abs(ref[after][k]), 1e-30) for k in lam)
 
 
 def test_dp2_zero2_resumes_at_dp1(tmp_path):
@@ -421,16 +421,45 @@ def test_trainer_tp2_resumes_at_tp1(tmp_path):
     diff = same(client_state(source)["mat"], after["mat"])
     assert not diff, diff[:10]
     assert after["frozen"], "no unit frozen at the save: the test proves nothing"
-    ref = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))}
-    got = {r["trainer/step"]: r for r in read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))}
-    assert sorted(got) == list(range(SAVE_AT + 1, END + 1))
-    dloss = max(abs(got[s]["train/loss"] - ref[s]["train/loss"]) for s in got)
-    assert dloss <= 1e-5, dloss
-    assert [got[s]["mat/active_fraction"] for s in got] == [ref[s]["mat/active_fraction"] for s in got]
-    assert all(r.get("mat/frozen_max_abs_change", 0.0) == 0.0 for r in got.values())
-    lam = [k for k in ref[FIRST_REFRESH_AFTER + 1] if k.startswith("mat/lambda_max/")]
-    lam_err = max(abs(got[FIRST_REFRESH_AFTER + 1][k] - ref[FIRST_REFRESH_AFTER + 1][k]) /
-                  max(abs(ref[FIRST_REFRESH_AFTER + 1][k]), 1e-30) for k in lam)
-    assert lam and lam_err <= 1e-4, lam_err
+    dloss, lam_err = resumed_matches_uninterrupted(tmp_path)
+    assert lam_err <= 1e-4, lam_err
     print(f"trainer TP 2 -> TP 1: max |dloss| over steps {SAVE_AT + 1}..{END} = {dloss:.3e}, lambda rel {lam_err:.1e}; "
           f"MAT state equal; {len(after['frozen'])} frozen units")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A user's own loop (tests/scripts/wrapper_universal_check.py): mat_ds.initialize, engine.save_checkpoint, a universal
+# copy made by hand, "checkpoint": {"load_universal": true}, engine.load_checkpoint(dir) at another DP size
+# ----------------------------------------------------------------------------------------------------------------------
+WRAPPER_CHECK = "tests/scripts/wrapper_universal_check.py"
+
+
+@pytest.mark.slow
+def test_users_loop_zero3_resumes_at_dp1_with_the_loader_repaired(tmp_path):
+    """ZeRO-3, DP 2 -> DP 1 through DeepSpeed's own ``engine.load_checkpoint``: the engine ``mat_ds.initialize``
+    returns mends DeepSpeed 0.19.8's stage-3 universal loader itself (``universal.repair_loads``), so the user's loop
+    gets what the trainer gets: each param group's own weight decay, one Adam ``step`` per state at the saved count,
+    MAT's state as saved and the uninterrupted run's losses."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    run_deepspeed(WRAPPER_CHECK, ["--mode", "save", "--dir", str(tmp_path)], num_gpus=2, timeout=600)
+    subprocess.run([sys.executable, "-m", "mat_ds.universal", "--input_folder", str(tmp_path / "step4"),
+                    "--output_folder", str(tmp_path / "step4_universal")], check=True, capture_output=True, cwd=REPO)
+    assert (tmp_path / "latest_universal").read_text().strip() == "step4_universal"
+    proc = run_deepspeed(WRAPPER_CHECK, ["--mode", "resume", "--dir", str(tmp_path)], num_gpus=1, timeout=600)
+    rows = tagged_json(proc.stdout, "WRAPPER_UNIVERSAL")
+    assert len(rows) == 1, proc.stdout[-4000:]
+    r = rows[0]
+    assert r["loaded"] and r["mat_state_equal"] and r["probe_equal"]
+    before, after = r["repair"]["before"], r["repair"]["after"]  # fix_param_groups ran inside load_checkpoint
+    assert after["weight_decay"] == [0.01, 0.0] and after["step_values"] == [4.0], after
+    assert after["distinct_step_tensors"] == after["step_tensors"], after
+    assert r["optimizer_end"]["step_values"] == r["optimizer_end_ref"]["step_values"] == [8.0], r["optimizer_end"]
+    assert r["optimizer_end"]["weight_decay"] == r["optimizer_end_ref"]["weight_decay"]
+    assert r["loss_max_abs_diff"] <= 1e-5, (r["losses"], r["losses_ref"])
+    print(f"user's loop ZeRO-3 DP 2 -> DP 1: DeepSpeed's load left weight decay {before['weight_decay']} and "
+          f"{before['distinct_step_tensors']} step tensor(s) for {before['step_tensors']} states; after the repair "
+          f"{after['weight_decay']}, {after['distinct_step_tensors']}; max |dloss| over steps 4..7 "
+          f"{r['loss_max_abs_diff']:.2e}; MAT state equal")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .sources import RecordingSource
 from .topology import rank_in, size_of
 
 
@@ -210,29 +211,18 @@ def expert_partial_grams(layers: list[MoELayer], routes: list[dict], grads, shap
     return grams
 
 
-class DeepSpeedMoESource:
+class DeepSpeedMoESource(RecordingSource):
     """The experts of ``deepspeed.moe`` layers as a unit source (``sources.UnitSource``, kind "experts"): rows
     j·E + e (MoE layer j in module order, global expert e). Its recording also puts every MoE layer in probe mode."""
-
-    kind = "experts"
-
-    def __init__(self, layers: list[MoELayer]):
-        self.layers = layers
-        self._routes: list[dict] = []
 
     def size(self) -> int:
         return sum(layer.num_experts for layer in self.layers)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[list[dict]]:
-        with record_routes(self.layers) as routes:
-            self._routes = routes
-            yield routes
+    def _record(self):
+        return record_routes(self.layers)
 
     def outputs(self) -> list[torch.Tensor]:
-        return [y for rec in self._routes for recs in rec["linears"].values() for (_, y, _) in recs]
+        return [y for rec in self._recorded for recs in rec["linears"].values() for (_, y, _) in recs]
 
     def partial_grams(self, grads, shape: tuple[int, int], work, device) -> torch.Tensor:
-        grams = expert_partial_grams(self.layers, self._routes, grads, shape).to(device)
-        self._routes = []
-        return grams
+        return expert_partial_grams(self.layers, self._take(), grads, shape).to(device)

@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .sources import RecordingSource
 from .topology import rank_in, size_of
 
 BLOCK = 4096  # token rows of the kernel built at once
@@ -128,29 +129,18 @@ def fused_partial_grams(layers: list[nn.Module], records: list[list], grads, sha
     return grams
 
 
-class FusedExpertSource:
+class FusedExpertSource(RecordingSource):
     """Per-expert modules of the protocol above as a unit source (``sources.UnitSource``, kind "experts"), after
     the deepspeed.moe experts in unit order."""
-
-    kind = "experts"
-
-    def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
-        self._records: list[list] = []
 
     def size(self) -> int:
         return sum(len(m.mat_expert_params()) for m in self.layers)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[list[list]]:
-        with record_fused(self.layers) as records:
-            self._records = records
-            yield records
+    def _record(self):
+        return record_fused(self.layers)
 
     def outputs(self) -> list[torch.Tensor]:
-        return fused_outputs(self._records)
+        return fused_outputs(self._recorded)
 
     def partial_grams(self, grads, shape: tuple[int, int], work, device) -> torch.Tensor:
-        grams = fused_partial_grams(self.layers, self._records, grads, shape, device)
-        self._records = []
-        return grams
+        return fused_partial_grams(self.layers, self._take(), grads, shape, device)

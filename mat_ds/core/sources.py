@@ -12,8 +12,9 @@ of unit (or a new way a model holds one) is one class implementing ``UnitSource`
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, ContextManager, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -57,6 +58,31 @@ class UnitSource(Protocol):
                       work: WorkSplit, device) -> torch.Tensor:
         """This rank's share of Θ for every unit, float32 [size(), n, n] (zeros where other ranks compute).
         ``grads`` pairs with ``outputs()`` (None: that output does not reach f); ``shape`` = (n, T)."""
+
+
+class RecordingSource:
+    """Shared body of the sources whose probe forward records through one context manager over their layers (the
+    expert sources: routes and expert activations). The record is kept from the forward (``outputs`` reads it) until
+    ``partial_grams`` turns it into Grams and drops it (``_take``), so no activation outlives the refresh."""
+
+    kind = "experts"
+
+    def __init__(self, layers: list):
+        self.layers = list(layers)
+        self._recorded: list = []
+
+    def _record(self) -> ContextManager[list]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list]:
+        with self._record() as recorded:
+            self._recorded = recorded
+            yield recorded
+
+    def _take(self) -> list:
+        recorded, self._recorded = self._recorded, []
+        return recorded
 
 
 class RoutingOnly:

@@ -46,9 +46,9 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 import mat_ds
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
-from mat_ds.core.tensor_parallel import TPHeadwiseLinear
 from mat_ds.distributed import exit_process
 from tests.scripts.family_check import local, opt_fragments
+from tests.states import same
 
 V, T, D, L, H, KV = 100, 16, 32, 2, 4, 2
 G, ACCUM, N_PROBE = 8, 2, 6  # global rows per micro-step, micro-steps per optimizer step, probe samples
@@ -353,20 +353,6 @@ def whole_params(engine, tp_group) -> dict:
         else:
             out[name] = t
     return out
-
-
-def same(a, b, path="") -> list:
-    """Where two nested states differ (tensors bitwise, floats exactly)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
-        return out + [d for k in sorted(set(a) & set(b), key=str) for d in same(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path}: length {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return [] if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) else [f"{path}: tensors differ"]
-    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
 
 
 def continue_run(run: "Run", first: int, record_drift: bool) -> dict:
