@@ -23,6 +23,15 @@ def fp16_supported() -> bool:
     return bool(_asked["fp16"])
 
 
+def bf16_supported() -> bool:
+    """``get_accelerator().is_bf16_supported()``, as a bool."""
+    if "bf16" not in _asked:
+        from deepspeed.accelerator import get_accelerator
+
+        _asked["bf16"] = bool(get_accelerator().is_bf16_supported())
+    return bool(_asked["bf16"])
+
+
 def fp16_branch() -> str | None:
     """One line naming the fp16 branch this process took, or None if no test asked."""
     if "fp16" not in _asked:

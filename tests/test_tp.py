@@ -10,12 +10,15 @@ match TP 1; each rank holds 1/2 of the unit parameters, and AutoTP still shards 
 are refused in one line, before any process group exists.
 
 Default suite: one 2-rank launch (LLaMA ZeRO-1 and ZeRO-2, BERT ZeRO-2; ~50-70 s on a loaded 2-core machine). Slow:
-LLaMA ZeRO-0 and MLP units, BERT ZeRO-1 on 2 ranks; the default cases on 4 ranks (TP 2 × DP 2).
+LLaMA ZeRO-0 and MLP units, BERT ZeRO-1 on 2 ranks; the default cases on 4 ranks (TP 2 × DP 2); LLaMA ZeRO-1/2 in
+bf16 where DeepSpeed's accelerator has bf16 (same checks; λ, loss and norm to bf16 tolerance, since TP 2 rounds
+other partial sums than TP 1; frozen drift and the gradient-byte drop, 2 bytes per element, still exact).
 """
 from __future__ import annotations
 
 import pytest
 
+from tests.hardware import bf16_supported
 from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "tp_check.py"
@@ -23,8 +26,12 @@ GROUPS = {  # name -> (ranks, cases)
     "dp1": (2, ["1", "2", "bert:2", "resume:2"]),
     "dp1_more": (2, ["0", "2+mlp", "bert:1"]),
     "dp2": (4, ["1", "2", "bert:2", "resume:1"]),
+    "bf16": (2, ["1+bf16", "2+bf16"]),
 }
-SLOW = {"dp1_more", "dp2"}
+SLOW = {"dp1_more", "dp2", "bf16"}
+# (λmax relative, |Δloss|, grad-norm relative) of TP 2 against TP 1. bf16: measured 1.7e-2 / 5.0e-4 / 1.9e-3, i.e.
+# about two bf16 roundings (2^-8 each) of values summed in another order.
+TOLERANCE = {False: (1e-5, 1e-5, 1e-5), True: (5e-2, 5e-3, 1e-2)}
 TP = 2
 _results: dict[str, dict[str, dict]] = {}
 _failed: dict[str, str] = {}  # group -> why its launch failed: every test of the group reports it, launched ONCE
@@ -59,8 +66,15 @@ def results(group: str, case: str) -> dict:
     return _results[group][case]
 
 
+def _marks(group: str) -> list:
+    marks = [pytest.mark.slow] if group in SLOW else []
+    if group == "bf16":
+        marks.append(pytest.mark.skipif(not bf16_supported(), reason="DeepSpeed's accelerator has no bf16 here"))
+    return marks
+
+
 def _params(resume: bool) -> list:
-    return [pytest.param(group, case, marks=[pytest.mark.slow] if group in SLOW else [], id=f"{group}-{case}")
+    return [pytest.param(group, case, marks=_marks(group), id=f"{group}-{case}")
             for group, (_, cases) in GROUPS.items() for case in cases if case.startswith("resume:") == resume]
 
 
@@ -73,7 +87,7 @@ def test_lambda_and_decisions_match_tp1(group, case):
     assert r["lambda_steps"] == ["0", "3", "6"], "MAT did not refresh at steps 0, 3, 6"
     per_layer = (4 if r["family"] == "bert" else 2) + (2 if r["mlp"] else 0)  # BERT: heads; LLaMA: KV groups
     assert r["same_lambda_keys"] and r["lambda_units"] == 2 * per_layer
-    assert r["lambda_rel_err"] < 1e-5, r["lambda_tp"]
+    assert r["lambda_rel_err"] < TOLERANCE[r["bf16"]][0], r["lambda_tp"]
     assert r["masks_equal_on_ranks"], r["masks"]
     assert r["masks_equal_ref"], r["masks"]
     assert any(any(m) for m in r["masks"]), "the policy froze nothing: the decision check would be vacuous"
@@ -104,8 +118,9 @@ def test_gradient_bytes_drop_by_local_frozen_size(group, case):
 @pytest.mark.parametrize("group,case", CASES)
 def test_loss_and_grad_norm_match_tp1(group, case):
     r = results(group, case)
-    assert r["loss_max_abs_diff"] < 1e-5, (r["losses_tp"], r["losses_ref"])
-    assert r["grad_norm_max_rel_diff"] < 1e-5
+    _, loss_tol, norm_tol = TOLERANCE[r["bf16"]]
+    assert r["loss_max_abs_diff"] < loss_tol, (r["losses_tp"], r["losses_ref"])
+    assert r["grad_norm_max_rel_diff"] < norm_tol
     assert r["losses_tp"][-1] < r["losses_tp"][0]
 
 

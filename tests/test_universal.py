@@ -5,11 +5,12 @@ line), the writer's layout read off DeepSpeed's file names, and ONE run through 
 (ZeRO-2, heads frozen after warm-up) saved at step 6 and resumed on 1 rank with gradient accumulation 2 (same global
 batch, same samples): the trainer converts the tag once, MAT's state after the load equals the saved one, the next
 losses equal the uninterrupted 2-rank run's, and the frozen units' weights stay exactly unchanged across the resume.
-``-m slow``: the same for ZeRO-1, ZeRO-3 and ZeRO-0 (no conversion), DP 1 -> DP 2, and the refusals through the launcher.
+``-m slow``: the same for ZeRO-1, ZeRO-3 and ZeRO-0 (no conversion), DP 1 -> DP 2, and the refusals through the
+launcher.
 
 Tensor parallelism (tests/scripts/tp_check.py --elastic, HF LLaMA-GQA under DeepSpeed AutoTP): default suite TP 2 ->
-TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, the ZeRO-0 refusal,
-and the trainer itself (``--model hf:``) TP 2 -> TP 1.
+TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, bf16, the ZeRO-0
+refusal, and the trainer itself (``--model hf:``) TP 2 -> TP 1.
 
 A user's own loop (tests/scripts/wrapper_universal_check.py, ``-m slow``): ZeRO-3 DP 2 -> DP 1 through DeepSpeed's
 ``engine.load_checkpoint`` with ``load_universal``, the stage-3 loader's defects mended by the engine itself.
@@ -27,6 +28,7 @@ import torch
 from mat_ds import checkpoint as ck
 from mat_ds import universal as uc
 from mat_ds.tracking import read_metrics
+from tests.hardware import bf16_supported
 from tests.launcher import REPO, run_deepspeed, config_template, tagged_json
 from tests.states import same
 
@@ -311,12 +313,13 @@ def test_refusals_through_the_launcher(tmp_path):
 TP_CHECK = "tests/scripts/tp_check.py"
 
 
-def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool = False) -> dict:
+def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool = False, bf16: bool = False) -> dict:
     """``save`` / ``resume`` = (ranks, TP size). The save launch trains to step 4, saves, and goes on uninterrupted
     to step 10; the resume launch loads that tag (converted once through DeepSpeed's universal checkpoint) and runs
     the same steps: checks and returns its ELASTIC row."""
     pytest.importorskip("transformers")
-    common = ["--elastic_stage", str(stage), "--dir", str(tmp_path)] + (["--mlp"] if mlp else [])
+    common = ["--elastic_stage", str(stage), "--dir", str(tmp_path)] + (["--mlp"] if mlp else []) + (
+        ["--bf16"] if bf16 else [])
     run_deepspeed(TP_CHECK, ["--elastic", "save", "--tp", str(save[1]), *common], num_gpus=save[0], timeout=600)
     ckpt = tmp_path / "checkpoints"
     tag = ck.tag_for(4)
@@ -335,14 +338,17 @@ def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool
     assert r["mat_state_equal"], r["mat_diff"]
     assert r["frozen_saved"] and r["frozen_loaded"] == r["frozen_saved"]
     assert r["weights_equal"], r["weights_differ"]
-    # the continuation matches the uninterrupted run (another TP size: another summation order)
+    # the continuation matches the uninterrupted run (another TP size: another summation order; in bf16 rounded
+    # differently: measured |Δloss| 1.3e-4, λ rel 2.8e-3)
+    loss_tol, lam_tol = (5e-3, 5e-2) if bf16 else (1e-5, 1e-5)
     assert r["steps"] == list(range(4, 10))
-    assert r["loss_max_abs_diff"] <= 1e-5, (r["losses"], r["losses_ref"])
-    assert r["lambda_steps"] == r["lambda_steps_ref"] == [6, 9] and r["lambda_rel_err"] < 1e-5
+    assert r["loss_max_abs_diff"] <= loss_tol, (r["losses"], r["losses_ref"])
+    assert r["lambda_steps"] == r["lambda_steps_ref"] == [6, 9] and r["lambda_rel_err"] < lam_tol
     assert r["masks_equal"], r["masks"]
     # frozen units stay exactly unchanged from the load to the next refresh (step 6)
     assert r["frozen_units_checked"] > 0 and r["frozen_drift"] == 0.0
-    print(f"ZeRO-{stage}{' +mlp' if mlp else ''} {r['topology_saved']} -> {r['topology']}: max |dloss| "
+    what = f"ZeRO-{stage}{' +mlp' if mlp else ''}{' bf16' if bf16 else ''}"
+    print(f"{what} {r['topology_saved']} -> {r['topology']}: max |dloss| "
           f"{r['loss_max_abs_diff']:.2e}, lambda rel {r['lambda_rel_err']:.1e}, MAT state equal, "
           f"{r['n_weights']} weights bitwise, {r['frozen_units_checked']} frozen units drift {r['frozen_drift']}")
     return r
@@ -362,6 +368,13 @@ def test_tp2_resumes_at_tp1(tmp_path):
 ], ids=["zero2-tp2-tp1", "zero1-tp1-tp2", "zero1-tp2dp2-tp2dp1", "zero2-mlp-tp2-tp1"])
 def test_tp_elastic_variants(tmp_path, stage, save, resume, mlp):
     tp_elastic(tmp_path, stage, save, resume, mlp)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bf16_supported(), reason="DeepSpeed's accelerator has no bf16 here")
+def test_tp_elastic_bf16(tmp_path):
+    """bf16 (ZeRO-1, fp32 master weights and moments in the checkpoint) TP 2 -> TP 1."""
+    tp_elastic(tmp_path, stage=1, save=(2, 2), resume=(1, 1), bf16=True)
 
 
 @pytest.mark.slow

@@ -83,7 +83,7 @@ def modules_of(family: str, model: torch.nn.Module) -> dict:
             "down_proj": layer.mlp.down_proj, "lm_head": model.lm_head}
 
 
-def ds_config(stage: int, tp: int, mlp: bool, micro: int) -> dict:
+def ds_config(stage: int, tp: int, mlp: bool, micro: int, bf16: bool = False) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": ACCUM, "gradient_clipping": CLIP,
            "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
@@ -93,6 +93,8 @@ def ds_config(stage: int, tp: int, mlp: bool, micro: int) -> dict:
                    "alpha": 0.3, **({"modules": ["heads", "mlp"], "mlp_groups": MLP_GROUPS} if mlp else {})}}
     if tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": tp}
+    if bf16:  # bf16 weights and gradients (reduced in bf16), fp32 master weights and Adam moments
+        cfg["bf16"] = {"enabled": True}
     return cfg
 
 
@@ -113,14 +115,14 @@ def gather(obj) -> list:
 class Run:
     """One engine (TP 1 or TP 2) through the whole schedule; ``record`` holds what it measured."""
 
-    def __init__(self, family: str, stage: int, tp: int, mlp: bool):
+    def __init__(self, family: str, stage: int, tp: int, mlp: bool, bf16: bool = False):
         self.family, self.stage, self.tp, self.mlp = family, stage, tp, mlp
         self.world = dist.get_world_size()
         self.dp = self.world // tp
         self.micro = G // self.dp
         model = build_model(family)
         self.engine, *_ = mat_ds.initialize(model=model, model_parameters=model.parameters(),
-                                            config=ds_config(stage, tp, mlp, self.micro))
+                                            config=ds_config(stage, tp, mlp, self.micro, bf16))
         self.mat = self.engine.mat
         self.topo = self.mat.topology
         assert (self.topo.tp_size, self.topo.dp_size) == (tp, self.dp), self.topo.describe()
@@ -214,7 +216,8 @@ class Run:
         drift = max([float((a - local(p)).abs().max()) for a, p in zip(w0, frozen)]
                     + [float((s0[k] - s1[k]).abs().max()) for k in s0] + [0.0])
         numel = sum(p.numel() for p in frozen)
-        expected = (ACCUM if self.stage == 2 else 1) * 4 * numel
+        width = frozen[0].element_size() if frozen else 4  # gradients are reduced in the parameters' dtype
+        expected = (ACCUM if self.stage == 2 else 1) * width * numel
         rec["bytes_per_rank"] = gather({"full": full_bytes, "frozen": frozen_bytes[0],
                                         "drop": full_bytes - frozen_bytes[0], "expected_drop": expected,
                                         "frozen_local_numel": numel, "fixed_set_drift": drift,
@@ -383,7 +386,7 @@ def elastic(args) -> None:
     from mat_ds.core.engine import CLIENT_KEY as MAT_KEY
 
     ckpt = os.path.join(args.dir, "checkpoints")
-    run = Run("llama", args.elastic_stage, args.tp, args.mlp)
+    run = Run("llama", args.elastic_stage, args.tp, args.mlp, args.bf16)
     tp_group = run.topo.tp_group
     rank0 = dist.get_rank() == 0
     if args.elastic == "save":
@@ -444,21 +447,23 @@ def elastic(args) -> None:
     }), flush=True)
 
 
-def parse(spec: str, tp: int) -> tuple[str, int, int, bool]:
+def parse(spec: str, tp: int) -> tuple[str, int, int, bool, bool]:
+    """``[family:]stage[+mlp][+bf16]`` -> the arguments of ``Run``."""
     family, _, rest = spec.rpartition(":")
-    stage, _, extra = rest.partition("+")
-    return family or "llama", int(stage), tp, extra == "mlp"
+    stage, *extras = rest.split("+")
+    return family or "llama", int(stage), tp, "mlp" in extras, "bf16" in extras
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default="1", help="comma-separated [family:]ZeRO stage[+mlp] (family: llama, "
-                                                     "bert), or resume:stage")
+    parser.add_argument("--cases", default="1", help="comma-separated [family:]ZeRO stage[+mlp][+bf16] (family: "
+                                                     "llama, bert), or resume:stage")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument("--elastic", choices=["save", "resume"], help="elastic resume across TP sizes (see elastic)")
     parser.add_argument("--elastic_stage", type=int, default=1)
     parser.add_argument("--mlp", action="store_true", help="--elastic: MLP units too")
+    parser.add_argument("--bf16", action="store_true", help="--elastic: bf16 (fp32 master weights)")
     parser.add_argument("--dir", help="--elastic: the run directory shared by the save and resume launches")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -474,9 +479,9 @@ def main() -> None:
         if not spec.startswith("resume:"):
             refs[spec] = Run(*parse(spec, 1)).run()
     for spec in cases:
-        family, stage, _, mlp = parse(spec, args.tp)
-        base = {"case": spec, "family": family, "stage": stage, "mlp": mlp, "world": dist.get_world_size(),
-                "tp": args.tp}
+        family, stage, _, mlp, bf16 = parse(spec, args.tp)
+        base = {"case": spec, "family": family, "stage": stage, "mlp": mlp, "bf16": bf16,
+                "world": dist.get_world_size(), "tp": args.tp}
         if family == "resume":
             res = {**base, **resume(stage, args.tp)}
         else:
