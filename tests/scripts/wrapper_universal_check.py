@@ -9,7 +9,8 @@ at the save and its optimizer groups' hyperparameters to ``DIR/uninterrupted.pt`
 ``--mode resume`` (any DP size; same global batch): a fresh engine loads the universal copy with DeepSpeed's own
 ``load_checkpoint`` (tag from ``latest_universal``) and runs to END. ``universal.fix_param_groups`` is observed, not
 replaced: what the optimizer held before and after the repair is recorded (the DeepSpeed 0.19.8 defects it mends:
-group 0's hyperparameters on every group, one ``step`` tensor shared by all). Rank 0 prints ``WRAPPER_UNIVERSAL {json}``.
+group 0's hyperparameters on every group, one ``step`` tensor shared by all). Rank 0 prints
+``WRAPPER_UNIVERSAL {json}``.
 """
 from __future__ import annotations
 
