@@ -23,7 +23,8 @@ resumed run's losses compared with an uninterrupted run; ``docs/elastic_resume.m
   experts ``deepspeed_experts.0..``, so fragments of different experts meet under one name: "shape '[256]' is invalid
   for input of size 512"). Refused before converting. MoE with ``moe_ep_size`` 1 converts and resumes exactly.
 * Tensor parallelism (DeepSpeed AutoTP + mat_ds's head-wise sharding, ZeRO-1/2, fp32): TP 2 -> TP 1, TP 1 -> TP 2
-  and TP 2 x DP 2 -> TP 2 x DP 1 resume through a universal copy (HF LLaMA-GQA, tests/test_universal.py): MAT's
+  and TP 2 x DP 2 -> TP 2 x DP 1 resume through a universal copy (HF LLaMA-GQA; also GPT-NeoX, Phi-3 and bf16
+  TP 2 -> 1; tests/test_universal.py): MAT's
   state equal, every weight bit for bit, frozen units unchanged, the next losses within 2.4e-7 of the uninterrupted
   run's (another TP size sums in another order). Head-wise units are saved under their global names with an affine
   map (core/tensor_parallel.py), and mat_ds's converter (``python -m mat_ds.universal``, what the automatic

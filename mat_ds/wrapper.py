@@ -34,7 +34,7 @@ from . import universal
 from .adapters import convert_model
 from .core.config import ConfigError, MATConfig, load_config
 from .core.engine import MATController
-from .core.tensor_parallel import check_tensor_parallel, shard_model
+from .core.tensor_parallel import check_autotp_plan, check_tensor_parallel, shard_model
 from .core.topology import autotp_size, ensure_tp_groups
 from .core.units import ModelUnits, find_units
 
@@ -98,6 +98,7 @@ def prepare_model(model: torch.nn.Module, ds_config: Optional[dict], mat: MATCon
         stage = int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
         check_tensor_parallel(model, tp, stage, bool(units.experts), conversion.tensor_parallel_kinds(),
                               conversion.family)
+        check_autotp_plan(model, (ds_config or {}).get("tensor_parallel") or {})
         group, tp_rank, tp_size = ensure_tp_groups(tp)
         conversion.dropped |= shard_model(model, tp_rank, tp_size, group)
     return conversion
@@ -110,6 +111,10 @@ def attach(engine, model: torch.nn.Module, mat: MATConfig, conversion, probe_fn:
     ``mat_ds.hf_trainer``."""
     if probe_fn is None and mat.needs_probe:
         probe_fn = conversion.probe_fn(model, mat)
+    if conversion.spec is not None and conversion.spec.localize_heads is not None:
+        # After deepspeed.initialize: AutoTP rewrites head-count attributes of every module above a sharded
+        # parameter (``AutoTP.update_mp_params``), ours included; the family sets its own, from the local shapes.
+        conversion.spec.localize_heads(model)
     # ep_rank is known only now that DeepSpeed created the expert groups: list the experts' local params again.
     engine.mat = MATController(engine, mat, find_units(model), probe_fn, probe_batch, conversion.layer_path(model))
     universal.repair_loads(engine)  # DeepSpeed 0.19.8's ZeRO-3 universal loader, mended after every such load

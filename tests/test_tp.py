@@ -1,5 +1,6 @@
 """MAT under DeepSpeed AutoTP training (``"tensor_parallel": {"autotp_size": 2}``), HF LLaMA with grouped-query
-attention (and HF BERT), against the same run without TP (tests/scripts/tp_check.py: both engines in one launch, same
+attention, HF BERT, GPT-NeoX (fused per-head-interleaved QKV) and Phi-3 (fused blocked QKV with GQA; DeepSpeed's
+``"preset_model": "phi3"``, which DeepSpeed needs for Phi-3 with or without MAT), against the same run without TP (tests/scripts/tp_check.py: both engines in one launch, same
 global batch).
 
 Per case ([family:]ZeRO stage[+mlp]; TP 2 × DP 1 on 2 ranks, TP 2 × DP 2 on 4): λmax of every unit at every refresh
@@ -23,9 +24,9 @@ from tests.launcher import REPO, run_deepspeed, tagged_json
 
 SCRIPT = REPO / "tests" / "scripts" / "tp_check.py"
 GROUPS = {  # name -> (ranks, cases)
-    "dp1": (2, ["1", "2", "bert:2", "resume:2"]),
-    "dp1_more": (2, ["0", "2+mlp", "bert:1"]),
-    "dp2": (4, ["1", "2", "bert:2", "resume:1"]),
+    "dp1": (2, ["1", "2", "bert:2", "phi3:2", "resume:2"]),
+    "dp1_more": (2, ["0", "2+mlp", "bert:1", "neox:1", "neox:2", "phi3:1"]),
+    "dp2": (4, ["1", "2", "bert:2", "neox:2", "phi3:2", "resume:1"]),
     "bf16": (2, ["1+bf16", "2+bf16"]),
 }
 SLOW = {"dp1_more", "dp2", "bf16"}
@@ -85,7 +86,8 @@ CASES, RESUME = _params(False), _params(True)
 def test_lambda_and_decisions_match_tp1(group, case):
     r = results(group, case)
     assert r["lambda_steps"] == ["0", "3", "6"], "MAT did not refresh at steps 0, 3, 6"
-    per_layer = (4 if r["family"] == "bert" else 2) + (2 if r["mlp"] else 0)  # BERT: heads; LLaMA: KV groups
+    # BERT, NeoX: 4 heads; LLaMA, Phi-3: 2 KV groups
+    per_layer = {"bert": 4, "neox": 4}.get(r["family"], 2) + (2 if r["mlp"] else 0)
     assert r["same_lambda_keys"] and r["lambda_units"] == 2 * per_layer
     assert r["lambda_rel_err"] < TOLERANCE[r["bf16"]][0], r["lambda_tp"]
     assert r["masks_equal_on_ranks"], r["masks"]
@@ -132,8 +134,9 @@ def test_each_rank_holds_its_share(group, case):
     assert t["q_proj"] == t["o_proj"] == "TPHeadwiseLinear"
     if r["mlp"]:
         assert t["up_proj"] == t["down_proj"] == "TPHeadwiseLinear"
-    else:  # AutoTP shards what is not a MAT unit, as it does without MAT
-        assert (t["up_proj"], t["down_proj"]) == ("LinearLayer", "LinearAllreduce"), t
+    else:  # AutoTP shards what is not a MAT unit, as it does without MAT (Phi-3's packed gate_up_proj by its preset)
+        up = "SubParamLinearLayer" if r["family"] == "phi3" else "LinearLayer"
+        assert (t["up_proj"], t["down_proj"]) == (up, "LinearAllreduce"), t
     assert r["replicated_tp_diff"] == 0.0, "replicated parameters diverged over the TP group"
 
 
@@ -165,7 +168,8 @@ def _config(tp: int, stage: int) -> dict:
     ("llama", 2, 3, False, "ZeRO stage 3"),
     ("gpt2", 2, 1, False, "supports HF LLaMA"),
     ("bert", 2, 1, True, "MLP units under tensor parallelism are not supported for hf_bert"),
-], ids=["tp-not-dividing-kv-heads", "zero3", "unsupported-family", "bert-mlp-units"])
+    ("phi3", 2, 1, False, 'add "preset_model": "phi3" to the "tensor_parallel" block'),
+], ids=["tp-not-dividing-kv-heads", "zero3", "unsupported-family", "bert-mlp-units", "phi3-tp-plan"])
 def test_refused_in_one_line(model, tp, stage, mlp, words):
     import mat_ds
 
@@ -177,6 +181,10 @@ def test_refused_in_one_line(model, tp, stage, mlp, words):
     elif model == "gpt2":
         net = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4,
                                                                    n_positions=8, bos_token_id=0, eos_token_id=0))
+    elif model == "phi3":
+        net = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=32, max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     else:
         net = _llama()
     config = _config(tp, stage)

@@ -9,8 +9,8 @@ losses equal the uninterrupted 2-rank run's, and the frozen units' weights stay 
 launcher.
 
 Tensor parallelism (tests/scripts/tp_check.py --elastic, HF LLaMA-GQA under DeepSpeed AutoTP): default suite TP 2 ->
-TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, bf16, the ZeRO-0
-refusal, and the trainer itself (``--model hf:``) TP 2 -> TP 1.
+TP 1 (ZeRO-1, ~30 s); ``-m slow`` ZeRO-2, TP 1 -> TP 2, TP 2 x DP 2 -> TP 2 x DP 1, MLP units, bf16, GPT-NeoX and
+Phi-3, the ZeRO-0 refusal, and the trainer itself (``--model hf:``) TP 2 -> TP 1.
 
 A user's own loop (tests/scripts/wrapper_universal_check.py, ``-m slow``): ZeRO-3 DP 2 -> DP 1 through DeepSpeed's
 ``engine.load_checkpoint`` with ``load_universal``, the stage-3 loader's defects mended by the engine itself.
@@ -313,13 +313,14 @@ def test_refusals_through_the_launcher(tmp_path):
 TP_CHECK = "tests/scripts/tp_check.py"
 
 
-def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool = False, bf16: bool = False) -> dict:
+def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool = False, bf16: bool = False,
+               family: str = "llama") -> dict:
     """``save`` / ``resume`` = (ranks, TP size). The save launch trains to step 4, saves, and goes on uninterrupted
     to step 10; the resume launch loads that tag (converted once through DeepSpeed's universal checkpoint) and runs
     the same steps: checks and returns its ELASTIC row."""
     pytest.importorskip("transformers")
     common = ["--elastic_stage", str(stage), "--dir", str(tmp_path)] + (["--mlp"] if mlp else []) + (
-        ["--bf16"] if bf16 else [])
+        ["--bf16"] if bf16 else []) + ["--family", family]
     run_deepspeed(TP_CHECK, ["--elastic", "save", "--tp", str(save[1]), *common], num_gpus=save[0], timeout=600)
     ckpt = tmp_path / "checkpoints"
     tag = ck.tag_for(4)
@@ -347,7 +348,7 @@ def tp_elastic(tmp_path: Path, stage: int, save: tuple, resume: tuple, mlp: bool
     assert r["masks_equal"], r["masks"]
     # frozen units stay exactly unchanged from the load to the next refresh (step 6)
     assert r["frozen_units_checked"] > 0 and r["frozen_drift"] == 0.0
-    what = f"ZeRO-{stage}{' +mlp' if mlp else ''}{' bf16' if bf16 else ''}"
+    what = f"{family} ZeRO-{stage}{' +mlp' if mlp else ''}{' bf16' if bf16 else ''}"
     print(f"{what} {r['topology_saved']} -> {r['topology']}: max |dloss| "
           f"{r['loss_max_abs_diff']:.2e}, lambda rel {r['lambda_rel_err']:.1e}, MAT state equal, "
           f"{r['n_weights']} weights bitwise, {r['frozen_units_checked']} frozen units drift {r['frozen_drift']}")
@@ -368,6 +369,14 @@ def test_tp2_resumes_at_tp1(tmp_path):
 ], ids=["zero2-tp2-tp1", "zero1-tp1-tp2", "zero1-tp2dp2-tp2dp1", "zero2-mlp-tp2-tp1"])
 def test_tp_elastic_variants(tmp_path, stage, save, resume, mlp):
     tp_elastic(tmp_path, stage, save, resume, mlp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["neox", "phi3"])
+def test_tp_elastic_fused_qkv_families(tmp_path, family):
+    """GPT-NeoX (per-head-interleaved query_key_value) and Phi-3 (blocked qkv_proj with GQA; AutoTP's packed
+    gate_up_proj) TP 2 -> TP 1, ZeRO-1."""
+    tp_elastic(tmp_path, stage=1, save=(2, 2), resume=(1, 1), family=family)
 
 
 @pytest.mark.slow

@@ -33,6 +33,12 @@ from torch import nn
 
 from mat_ds.core.headwise import HeadwiseLinear, linear_dims, swap_in
 
+# Tensor parallelism (mat_ds/core/tensor_parallel.py): head h's q, k and v are ONE contiguous block of
+# query_key_value's rows, so a TP rank's heads are a contiguous row range of it, and the forward views the output as
+# (-1, 3·head_size) and the context as (-1): a TP rank's attention runs unchanged on its heads. MLP units are not
+# offered (no MLP conversion for NeoX); AutoTP shards dense_h_to_4h / dense_4h_to_h as it does without MAT.
+TENSOR_PARALLEL = ("heads",)
+
 
 def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Self-attention modules (``GPTNeoXAttention``-like) in module order: one per layer."""

@@ -27,12 +27,22 @@ same code but not verified here. Phi-3's fused MLP ``gate_up_proj`` is not conve
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from mat_ds.core.headwise import HeadwiseLinear, blocked_layout, linear_dims, swap_in
+
+# Tensor parallelism (mat_ds/core/tensor_parallel.py): a TP rank holds KV groups [r·H_kv/tp, ...); its local
+# qkv_proj keeps the full layer's channel order, i.e. [Q_r | K_r | V_r], blocked like the whole. The forward slices
+# it at ``self.config.num_attention_heads · head_dim`` and ``self.num_key_value_heads · head_dim``, so each attention
+# module is given its rank's counts (``localize_heads``: a private copy of the config with H/tp and H_kv/tp; the
+# model's own config is untouched). num_key_value_groups = H / H_kv is the same on every rank. MLP units are not
+# offered (Phi-3's fused gate_up_proj is not converted); AutoTP shards gate_up_proj (its GateUpPack layer) and
+# down_proj as it does without MAT.
+TENSOR_PARALLEL = ("heads",)
 
 
 def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -88,3 +98,17 @@ def convert(model: nn.Module) -> int:
 def objective(model: nn.Module) -> str:
     """Decoder-only: always next-token prediction."""
     return "causal_lm"
+
+
+def localize_heads(model: nn.Module) -> None:
+    """Under TP (after ``core.tensor_parallel.shard_model`` and ``deepspeed.initialize``): each self-attention computes
+    with its rank's head counts, read off its local head-wise shapes (H_kv = local units of ``qkv_proj``, H = the
+    local ``o_proj`` input width / head_dim), so it is idempotent and overrides whatever AutoTP set. A no-op for an
+    unsharded model."""
+    for m in model.modules():
+        qkv, o = getattr(m, "qkv_proj", None), getattr(m, "o_proj", None)
+        if not isinstance(qkv, HeadwiseLinear) or not isinstance(o, HeadwiseLinear) or qkv.n_units == qkv.units_total:
+            continue
+        cfg = copy.copy(m.config)  # private to this module: the model's config keeps the global counts
+        cfg.num_attention_heads, cfg.num_key_value_heads = o.d_in // m.head_dim, qkv.n_units
+        m.config, m.num_key_value_heads = cfg, qkv.n_units

@@ -4,7 +4,7 @@
 keeps the spec in the ``Conversion`` it returns; the facade then reads the training objective, the default probe,
 the tensor-parallel support and the RaPTr layer path from the spec (never from the family module again). A family
 is one file: a module with ``matches`` / ``convert`` / ``objective`` (plus, optionally, ``convert_mlp``,
-``TENSOR_PARALLEL``, ``probe_fn``, ``LayerPath``), registered here by name, or a ``FamilySpec`` a user registers
+``TENSOR_PARALLEL``, ``localize_heads``, ``probe_fn``, ``LayerPath``), registered here by name, or a ``FamilySpec`` a user registers
 with ``register_family`` for a model mat_ds does not know.
 """
 from __future__ import annotations
@@ -36,6 +36,10 @@ class FamilySpec:
     tensor_parallel: tuple = ()
     """Unit kinds whose modules run on a TP rank's share of the units (``core/tensor_parallel.py``); () = the
     family is refused under AutoTP."""
+    localize_heads: Optional[Callable[[nn.Module], None]] = None
+    """Under TP, after mat_ds sharded the head-wise layers (``core/tensor_parallel.py``): tell each attention module
+    the head counts of ITS rank, for families whose forward reads them from the config rather than from the
+    projection shapes (Phi-3). None: the forward needs nothing (LLaMA, BERT, NeoX)."""
     probe_fn: Optional[Callable] = None
     """``(MATConfig) -> probe_fn`` overriding the objective-based default (mat_ds's own Transformer)."""
     layer_path: Optional[Callable] = None
@@ -58,6 +62,7 @@ def _from_module(name: str) -> Optional[FamilySpec]:
     return FamilySpec(name=name, matches=mod.matches, convert=mod.convert, objective=getattr(mod, "objective", None),
                       convert_mlp=getattr(mod, "convert_mlp", None),
                       tensor_parallel=tuple(getattr(mod, "TENSOR_PARALLEL", ())),
+                      localize_heads=getattr(mod, "localize_heads", None),
                       probe_fn=getattr(mod, "probe_fn", None), layer_path=getattr(mod, "LayerPath", None),
                       additional=bool(getattr(mod, "ADDITIONAL", False)))
 

@@ -51,9 +51,10 @@ whole tensor (from its owner's fragments), and the universal loader at any TP si
 it there; at TP 1 the unsharded layer's ``w{u}`` has exactly that name and shape. Without global names the same
 local name (``w0``) would be a different unit on every rank and no conversion could tell them apart.
 
-Supported: families whose attention reads head counts from the projection shapes (an adapter's ``TENSOR_PARALLEL``
-lists the unit kinds it offers under TP: HF LLaMA / Mistral / Qwen2 heads and MLP units, HF BERT heads), ZeRO stages
-0-2, no MoE experts (``check_tensor_parallel``).
+Supported: families whose attention reads head counts from the projection shapes, or is told its rank's counts by
+its adapter (``FamilySpec.localize_heads``); an adapter's ``TENSOR_PARALLEL`` lists the unit kinds it offers under
+TP: HF LLaMA / Mistral / Qwen2 heads and MLP units, HF BERT, GPT-NeoX and Phi-3 heads. ZeRO stages 0-2, no MoE
+experts (``check_tensor_parallel``); an HF tp_plan DeepSpeed cannot apply is refused up front (``check_autotp_plan``).
 """
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ def check_tensor_parallel(model: nn.Module, tp_size: int, stage: int, has_expert
                           f"MoE models without tensor parallelism")
     if "heads" not in kinds:
         raise ConfigError(f"MAT under tensor parallelism (tensor_parallel.autotp_size={tp_size}) supports HF "
-                          f"LLaMA / Mistral / Qwen2 and BERT attention, not {family or 'user-marked head-wise layers'} "
+                          f"LLaMA / Mistral / Qwen2, BERT, GPT-NeoX and Phi-3 attention, not {family or 'user-marked head-wise layers'} "
                           f"({type(model).__name__}): remove tensor_parallel or train without MAT")
     groups = _groups(model)
     if "mlp" not in kinds and any(kind == "mlp" for kind, _ in groups):
@@ -233,6 +234,31 @@ def check_tensor_parallel(model: nn.Module, tp_size: int, stage: int, has_expert
                     else "MLP units (mat.mlp_groups)")
             raise ConfigError(f"tensor_parallel.autotp_size={tp_size} does not divide the {U} {what} of layer "
                               f"{layer}: each TP rank must hold whole units; use a tp size that divides {U}")
+
+
+def check_autotp_plan(model: nn.Module, tp_block: dict) -> None:
+    """Given neither ``preset_model`` nor ``partition_config``, DeepSpeed 0.19.8 shards an HF model by its
+    ``base_model_tp_plan`` and rejects the WHOLE plan when one style is one it lacks (Phi-3's "rowwise_split_input"):
+    a ValueError traceback from inside ``deepspeed.initialize``, MAT or not. Asked here, the same way, and said in one
+    line with the fix (the model's DeepSpeed preset where one exists)."""
+    if tp_block.get("preset_model") or tp_block.get("partition_config"):
+        return
+    from deepspeed.module_inject.autotp_config import AutoTPPresets
+    from deepspeed.module_inject.tp_plan_converter import TPPlanConverter
+    from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
+
+    plan = _get_hf_tp_plan(model)
+    if not plan:
+        return
+    try:
+        TPPlanConverter.convert(plan)
+    except ValueError as exc:
+        model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+        fix = (f'"preset_model": "{model_type}"' if model_type and AutoTPPresets.get_preset(model_type) is not None
+               else 'a "partition_config"')
+        reason = str(exc).split(". ")[0]
+        raise ConfigError(f"DeepSpeed's AutoTP cannot shard {type(model).__name__} by its Hugging Face tp_plan "
+                          f"({reason}): add {fix} to the \"tensor_parallel\" block") from None
 
 
 def _groups(model: nn.Module) -> dict[tuple, list[HeadwiseLinear]]:

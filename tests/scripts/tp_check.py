@@ -3,9 +3,12 @@
     deepspeed --num_gpus 2 tests/scripts/tp_check.py --cases 1,2     # TP 2 x DP 1, ZeRO-1 and ZeRO-2
     deepspeed --num_gpus 4 tests/scripts/tp_check.py --cases 1,2     # TP 2 x DP 2
 
-A case is ``[family:]stage[+mlp]``: a ZeRO stage, ``+mlp`` for MLP units too (``"modules": ["heads", "mlp"]``), family
-``llama`` (default: HF LlamaForCausalLM, 4 heads / 2 KV heads = 2 MAT units per layer) or ``bert`` (BertForMaskedLM,
-4 heads = 4 units per layer); d 32, 2 layers, fp32, seeded alike on every rank. ``resume:stage`` is the checkpoint
+A case is ``[family:]stage[+mlp][+bf16]``: a ZeRO stage, ``+mlp`` for MLP units too (``"modules": ["heads",
+"mlp"]``), ``+bf16`` for bf16; family ``llama`` (default: HF LlamaForCausalLM, 4 heads / 2 KV heads = 2 MAT units
+per layer), ``bert`` (BertForMaskedLM, 4 heads = 4 units per layer), ``neox`` (GPTNeoXForCausalLM, fused
+per-head-interleaved query_key_value, 4 units) or ``phi3`` (Phi3ForCausalLM, fused blocked qkv_proj, 4 heads / 2 KV
+heads = 2 units; DeepSpeed's ``preset_model`` "phi3"); d 32, 2 layers, fp32, seeded alike on every rank.
+``resume:stage`` is the checkpoint
 case (``resume``: save under TP, load into a fresh TP engine, the continuation bit-identical). Per other case TWO
 engines on the same ranks, through ``mat_ds.initialize`` with one JSON that differs only in ``tensor_parallel``: the
 reference (TP 1, DP = world) first, for every case, then the TP engine (TP 2, DP = world / 2) — the reference must
@@ -66,6 +69,15 @@ def build_model(family: str) -> torch.nn.Module:
         return transformers.BertForMaskedLM(transformers.BertConfig(
             vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64,
             max_position_embeddings=T, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if family == "neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64,
+            max_position_embeddings=T, attention_dropout=0.0, hidden_dropout=0.0, use_cache=False))
+    if family == "phi3":
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV,
+            intermediate_size=64, max_position_embeddings=T, attention_dropout=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False))
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV,
         intermediate_size=64, max_position_embeddings=T, attention_dropout=0.0, use_cache=False))
@@ -78,12 +90,21 @@ def modules_of(family: str, model: torch.nn.Module) -> dict:
         return {"q_proj": layer.attention.self.query, "o_proj": layer.attention.output.dense,
                 "up_proj": layer.intermediate.dense, "down_proj": layer.output.dense,
                 "lm_head": model.cls.predictions.decoder}
+    if family == "neox":
+        layer = model.gpt_neox.layers[0]
+        return {"q_proj": layer.attention.query_key_value, "o_proj": layer.attention.dense,
+                "up_proj": layer.mlp.dense_h_to_4h, "down_proj": layer.mlp.dense_4h_to_h,
+                "lm_head": model.get_output_embeddings()}
+    if family == "phi3":
+        layer = model.model.layers[0]
+        return {"q_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+                "up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj, "lm_head": model.lm_head}
     layer = model.model.layers[0]
     return {"q_proj": layer.self_attn.q_proj, "o_proj": layer.self_attn.o_proj, "up_proj": layer.mlp.up_proj,
             "down_proj": layer.mlp.down_proj, "lm_head": model.lm_head}
 
 
-def ds_config(stage: int, tp: int, mlp: bool, micro: int, bf16: bool = False) -> dict:
+def ds_config(stage: int, tp: int, mlp: bool, micro: int, bf16: bool = False, family: str = "llama") -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": ACCUM, "gradient_clipping": CLIP,
            "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "torch_adam": True}},
@@ -93,6 +114,8 @@ def ds_config(stage: int, tp: int, mlp: bool, micro: int, bf16: bool = False) ->
                    "alpha": 0.3, **({"modules": ["heads", "mlp"], "mlp_groups": MLP_GROUPS} if mlp else {})}}
     if tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": tp}
+        if family == "phi3":  # what plain DeepSpeed needs too: it rejects Phi-3's HF tp_plan ("rowwise_split_input")
+            cfg["tensor_parallel"]["preset_model"] = "phi3"
     if bf16:  # bf16 weights and gradients (reduced in bf16), fp32 master weights and Adam moments
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -122,7 +145,7 @@ class Run:
         self.micro = G // self.dp
         model = build_model(family)
         self.engine, *_ = mat_ds.initialize(model=model, model_parameters=model.parameters(),
-                                            config=ds_config(stage, tp, mlp, self.micro, bf16))
+                                            config=ds_config(stage, tp, mlp, self.micro, bf16, family))
         self.mat = self.engine.mat
         self.topo = self.mat.topology
         assert (self.topo.tp_size, self.topo.dp_size) == (tp, self.dp), self.topo.describe()
@@ -322,23 +345,29 @@ def _gather_uneven(parts, t, group):
 
 
 def _autotp_dims(engine) -> dict:
-    """Name -> the dimension AutoTP split it along (LinearLayer: 0, LinearAllreduce: 1)."""
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+    """Name -> (the dimension AutoTP split it along (LinearLayer: 0, LinearAllreduce: 1), the number of packed
+    sub-parameters a shard holds: SubParamLinearLayer's ``shape`` (2, -1) for Phi-3's [gate | up], each split on its
+    own, so a shard is [gate_r | up_r])."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, SubParamLinearLayer
 
     out = {}
     for mname, mod in engine.module.named_modules():
-        if isinstance(mod, (LinearLayer, LinearAllreduce)):
+        if isinstance(mod, (LinearLayer, LinearAllreduce, SubParamLinearLayer)):
+            packs = int(mod.shape[0]) if isinstance(mod, SubParamLinearLayer) and mod.shape[0] != -1 else 1
             for pname, _ in mod.named_parameters(recurse=False):
                 is_bias = pname == "bias"
                 if isinstance(mod, LinearAllreduce) and is_bias:
                     continue  # replicated
-                out[f"{mname}.{pname}"] = 0 if (isinstance(mod, LinearLayer) or is_bias) else 1
+                row = isinstance(mod, LinearAllreduce) and not is_bias
+                dim = int(mod.partition_dim) if isinstance(mod, SubParamLinearLayer) else (1 if row else 0)
+                out[f"{mname}.{pname}"] = (dim, packs)
     return out
 
 
 def whole_params(engine, tp_group) -> dict:
     """Every parameter by name, whole: a unit parameter from the TP rank that holds it (the others hold it empty),
-    an AutoTP-sharded weight concatenated over the TP group along the dimension it is split on, the rest as is."""
+    an AutoTP-sharded weight concatenated over the TP group along the dimension it is split on (packed
+    sub-parameters each on their own), the rest as is."""
     dims = _autotp_dims(engine)
     out = {}
     for name, p in engine.module.named_parameters():
@@ -351,8 +380,12 @@ def whole_params(engine, tp_group) -> dict:
         if name in dims or len(set(shapes)) > 1:
             parts = [torch.zeros(sh) for sh in shapes]
             _gather_uneven(parts, t, tp_group)
-            live = [x for x in parts if x.numel()]
-            out[name] = torch.cat(parts, dim=dims[name]) if name in dims else live[0]
+            if name in dims:
+                dim, packs = dims[name]
+                pieces = [part.chunk(packs, dim=dim) for part in parts]  # [rank][sub-parameter]
+                out[name] = torch.cat([torch.cat([pc[i] for pc in pieces], dim=dim) for i in range(packs)], dim=dim)
+            else:
+                out[name] = next(x for x in parts if x.numel())
         else:
             out[name] = t
     return out
@@ -386,7 +419,7 @@ def elastic(args) -> None:
     from mat_ds.core.engine import CLIENT_KEY as MAT_KEY
 
     ckpt = os.path.join(args.dir, "checkpoints")
-    run = Run("llama", args.elastic_stage, args.tp, args.mlp, args.bf16)
+    run = Run(args.family, args.elastic_stage, args.tp, args.mlp, args.bf16)
     tp_group = run.topo.tp_group
     rank0 = dist.get_rank() == 0
     if args.elastic == "save":
@@ -399,7 +432,7 @@ def elastic(args) -> None:
         tail = continue_run(run, SAVE_AT, record_drift=True)
         if rank0:
             torch.save({"weights": weights, "frozen": frozen, "tail": tail, "topology": run.topo.describe(),
-                        "types": {n: type(m).__name__ for n, m in modules_of("llama", run.engine.module).items()}},
+                        "types": {n: type(m).__name__ for n, m in modules_of(args.family, run.engine.module).items()}},
                        os.path.join(args.dir, "uninterrupted.pt"))
             print("ELASTIC_SAVED " + json.dumps({"topology": run.topo.describe(), "frozen": frozen}), flush=True)
         return
@@ -443,7 +476,7 @@ def elastic(args) -> None:
         "masks": [tail["masks"][s] for s in steps],
         "frozen_drift": tail["frozen_drift"], "frozen_drift_ref": r["frozen_drift"],
         "frozen_units_checked": tail["frozen_checked"],
-        "types": {n: type(m).__name__ for n, m in modules_of("llama", run.engine.module).items()},
+        "types": {n: type(m).__name__ for n, m in modules_of(args.family, run.engine.module).items()},
     }), flush=True)
 
 
@@ -464,6 +497,7 @@ def main() -> None:
     parser.add_argument("--elastic_stage", type=int, default=1)
     parser.add_argument("--mlp", action="store_true", help="--elastic: MLP units too")
     parser.add_argument("--bf16", action="store_true", help="--elastic: bf16 (fp32 master weights)")
+    parser.add_argument("--family", default="llama", help="--elastic: llama, bert, neox or phi3")
     parser.add_argument("--dir", help="--elastic: the run directory shared by the save and resume launches")
     args = parser.parse_args()
     torch.set_num_threads(1)
