@@ -1,7 +1,8 @@
 """MAT under DeepSpeed AutoTP training (``"tensor_parallel": {"autotp_size": 2}``), HF LLaMA with grouped-query
 attention, HF BERT, GPT-NeoX (fused per-head-interleaved QKV) and Phi-3 (fused blocked QKV with GQA; DeepSpeed's
-``"preset_model": "phi3"``, which DeepSpeed needs for Phi-3 with or without MAT), against the same run without TP (tests/scripts/tp_check.py: both engines in one launch, same
-global batch).
+``"preset_model": "phi3"``, which DeepSpeed needs for Phi-3 with or without MAT) and a user's own Megatron-style
+model registered with ``mat_ds.register_family`` (tests/scripts/megatron_style.py), against the same run without TP
+(tests/scripts/tp_check.py: both engines in one launch, same global batch).
 
 Per case ([family:]ZeRO stage[+mlp]; TP 2 × DP 1 on 2 ranks, TP 2 × DP 2 on 4): λmax of every unit at every refresh
 equals the TP-1 run's (relative error < 1e-5) and the decisions are identical on all ranks and to TP 1; frozen weights
@@ -25,7 +26,7 @@ from tests.launcher import REPO, run_deepspeed, tagged_json
 SCRIPT = REPO / "tests" / "scripts" / "tp_check.py"
 GROUPS = {  # name -> (ranks, cases)
     "dp1": (2, ["1", "2", "bert:2", "phi3:2", "resume:2"]),
-    "dp1_more": (2, ["0", "2+mlp", "bert:1", "neox:1", "neox:2", "phi3:1"]),
+    "dp1_more": (2, ["0", "2+mlp", "bert:1", "neox:1", "neox:2", "phi3:1", "own:2"]),
     "dp2": (4, ["1", "2", "bert:2", "neox:2", "phi3:2", "resume:1"]),
     "bf16": (2, ["1+bf16", "2+bf16"]),
 }
@@ -86,7 +87,7 @@ CASES, RESUME = _params(False), _params(True)
 def test_lambda_and_decisions_match_tp1(group, case):
     r = results(group, case)
     assert r["lambda_steps"] == ["0", "3", "6"], "MAT did not refresh at steps 0, 3, 6"
-    # BERT, NeoX: 4 heads; LLaMA, Phi-3: 2 KV groups
+    # BERT, NeoX: 4 heads; LLaMA, Phi-3: 2 KV groups; own (tests/scripts/megatron_style.py): 2 query groups
     per_layer = {"bert": 4, "neox": 4}.get(r["family"], 2) + (2 if r["mlp"] else 0)
     assert r["same_lambda_keys"] and r["lambda_units"] == 2 * per_layer
     assert r["lambda_rel_err"] < TOLERANCE[r["bf16"]][0], r["lambda_tp"]
@@ -169,7 +170,9 @@ def _config(tp: int, stage: int) -> dict:
     ("gpt2", 2, 1, False, "supports HF LLaMA"),
     ("bert", 2, 1, True, "MLP units under tensor parallelism are not supported for hf_bert"),
     ("phi3", 2, 1, False, 'add "preset_model": "phi3" to the "tensor_parallel" block'),
-], ids=["tp-not-dividing-kv-heads", "zero3", "unsupported-family", "bert-mlp-units", "phi3-tp-plan"])
+    ("own", 2, 1, False, "register your model with mat_ds.register_family"),
+], ids=["tp-not-dividing-kv-heads", "zero3", "unsupported-family", "bert-mlp-units", "phi3-tp-plan",
+        "marked-but-not-registered"])
 def test_refused_in_one_line(model, tp, stage, mlp, words):
     import mat_ds
 
@@ -185,6 +188,11 @@ def test_refused_in_one_line(model, tp, stage, mlp, words):
         net = transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=32, max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif model == "own":  # marked with make_headwise, no FamilySpec saying its forward runs on a TP shard
+        from tests.scripts.megatron_style import MegatronStyleLM, convert
+
+        net = MegatronStyleLM(50, 32, 1, 4, 2, 32, 8)
+        convert(net)
     else:
         net = _llama()
     config = _config(tp, stage)

@@ -219,9 +219,13 @@ def check_tensor_parallel(model: nn.Module, tp_size: int, stage: int, has_expert
         raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with MoE experts is not supported by MAT: train "
                           f"MoE models without tensor parallelism")
     if "heads" not in kinds:
+        fix = ("remove tensor_parallel or train without MAT" if family else
+               "remove tensor_parallel, or, if your attention reads its head count from the projection shapes (or "
+               "you give it its rank's counts), register your model with mat_ds.register_family(mat_ds.FamilySpec(..., "
+               "tensor_parallel=(\"heads\",))) (README: 'Tensor parallelism')")
         raise ConfigError(f"MAT under tensor parallelism (tensor_parallel.autotp_size={tp_size}) supports HF "
-                          f"LLaMA / Mistral / Qwen2, BERT, GPT-NeoX and Phi-3 attention, not {family or 'user-marked head-wise layers'} "
-                          f"({type(model).__name__}): remove tensor_parallel or train without MAT")
+                          f"LLaMA / Mistral / Qwen2, BERT, GPT-NeoX, Phi-3 and registered families whose spec says so, "
+                          f"not {family or 'user-marked head-wise layers'} ({type(model).__name__}): {fix}")
     groups = _groups(model)
     if "mlp" not in kinds and any(kind == "mlp" for kind, _ in groups):
         raise ConfigError(f"MLP units under tensor parallelism are not supported for {family} (its adapter says why): "

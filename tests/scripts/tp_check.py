@@ -7,8 +7,9 @@ A case is ``[family:]stage[+mlp][+bf16]``: a ZeRO stage, ``+mlp`` for MLP units 
 "mlp"]``), ``+bf16`` for bf16; family ``llama`` (default: HF LlamaForCausalLM, 4 heads / 2 KV heads = 2 MAT units
 per layer), ``bert`` (BertForMaskedLM, 4 heads = 4 units per layer), ``neox`` (GPTNeoXForCausalLM, fused
 per-head-interleaved query_key_value, 4 units) or ``phi3`` (Phi3ForCausalLM, fused blocked qkv_proj, 4 heads / 2 KV
-heads = 2 units; DeepSpeed's ``preset_model`` "phi3"); d 32, 2 layers, fp32, seeded alike on every rank.
-``resume:stage`` is the checkpoint
+heads = 2 units; DeepSpeed's ``preset_model`` "phi3") or ``own`` (a user's Megatron-style model registered with
+``register_family``: tests/scripts/megatron_style.py, 2 query groups per layer); d 32, 2 layers, fp32, seeded alike
+on every rank. ``resume:stage`` is the checkpoint
 case (``resume``: save under TP, load into a fresh TP engine, the continuation bit-identical). Per other case TWO
 engines on the same ranks, through ``mat_ds.initialize`` with one JSON that differs only in ``tensor_parallel``: the
 reference (TP 1, DP = world) first, for every case, then the TP engine (TP 2, DP = world / 2) — the reference must
@@ -50,6 +51,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 import mat_ds
 from mat_ds.core.freezing import GRADIENT_OPS, comm_bytes_snapshot
 from mat_ds.distributed import exit_process
+from tests.scripts import megatron_style
 from tests.scripts.family_check import local, opt_fragments
 from tests.states import same
 
@@ -65,6 +67,8 @@ def build_model(family: str) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
+    if family == "own":
+        return megatron_style.MegatronStyleLM(V, D, L, H, KV, 64, T)
     if family == "bert":
         return transformers.BertForMaskedLM(transformers.BertConfig(
             vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64,
@@ -95,6 +99,10 @@ def modules_of(family: str, model: torch.nn.Module) -> dict:
         return {"q_proj": layer.attention.query_key_value, "o_proj": layer.attention.dense,
                 "up_proj": layer.mlp.dense_h_to_4h, "down_proj": layer.mlp.dense_4h_to_h,
                 "lm_head": model.get_output_embeddings()}
+    if family == "own":
+        layer = model.layers[0]
+        return {"q_proj": layer["linear_qkv"], "o_proj": layer["linear_proj"], "up_proj": layer["linear_fc1"],
+                "down_proj": layer["linear_fc2"], "lm_head": model.lm_head}
     if family == "phi3":
         layer = model.model.layers[0]
         return {"q_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
@@ -116,6 +124,8 @@ def ds_config(stage: int, tp: int, mlp: bool, micro: int, bf16: bool = False, fa
         cfg["tensor_parallel"] = {"autotp_size": tp}
         if family == "phi3":  # what plain DeepSpeed needs too: it rejects Phi-3's HF tp_plan ("rowwise_split_input")
             cfg["tensor_parallel"]["preset_model"] = "phi3"
+        if family == "own":  # no preset, no HF tp_plan: the user says how AutoTP shards the MLP
+            cfg["tensor_parallel"]["partition_config"] = megatron_style.PARTITION_CONFIG
     if bf16:  # bf16 weights and gradients (reduced in bf16), fp32 master weights and Adam moments
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -501,6 +511,7 @@ def main() -> None:
     parser.add_argument("--dir", help="--elastic: the run directory shared by the save and resume launches")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    mat_ds.register_family(megatron_style.SPEC)  # family "own": a user's model, registered as a user would
     mat_ds.init_distributed()
     if args.elastic:
         elastic(args)
